@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Creates .venv with everything the backend, the tests and the add-on build need (CPU build of PyTorch).
+# Idempotent: a second run only checks that the packages are there.
+set -euo pipefail
+cd "$(dirname "$0")"
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip install -q --disable-pip-version-check \
+    "torch==2.13.0" -e "backend[spconv]" "transformers==4.57.3" \
+    "pytest>=8" "hypothesis>=6" "bpy==4.2.*"
