@@ -53,15 +53,15 @@ def distance_from_fov(fov: float, extend_pixel: float = 0.0, mesh_scale: float =
     """Official `inference.distance_from_fov`: the camera distance at which the mid-depth cross-section of the
     model cube spans the image width. Returns (distance, f_pixels).
 
-    The official code computes the focal length in float32 (`16 / tan(fov/2) * S / 32` on a torch tensor) and
-    the distance in Python floats from it; both are reproduced here.
+    The official code works on float32 torch tensors: the focal length `16 / tan(fov/2) * S / 32` and the grid
+    point `-1 / mesh_scale / 2` are float32, the distance is then a Python float. Both roundings are reproduced
+    (they move the distance by ~1e-7, which the parity fixture resolves).
     """
-    half = image_resolution / 2.0
-    f_px = float(np.float32(np.float32(16.0) / np.float32(math.tan(fov / 2.0))) * np.float32(image_resolution)
-                 / np.float32(32.0))
-    x_w = -0.5 / mesh_scale
-    x_t = 0.0 - extend_pixel
-    distance = f_px * x_w / (x_t - half)
+    half_angle = np.float32(fov) / np.float32(2.0)
+    f_px = float(np.float32(16.0) / np.tan(half_angle) * np.float32(image_resolution) / np.float32(32.0))
+    x_w = float(np.float32(-1.0) / np.float32(mesh_scale) / np.float32(2.0))   # left face centre (-0.5/ms, 0, 0)
+    x_t = 0.0 - extend_pixel                                                    # ... lands on pixel -extend_pixel
+    distance = f_px * x_w / (x_t - image_resolution / 2.0)
     return distance, f_px
 
 
