@@ -1,0 +1,87 @@
+"""Input preprocessing (spec §1.3): the official alpha-bounding-box crop of an RGBA image onto black.
+
+Only images that carry their own alpha mask are handled here; background removal is a separate, optional step
+that must run before this one.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+MAX_SIDE = 1024            # larger inputs are LANCZOS-downscaled first
+ALPHA_THRESHOLD = 0.8 * 255  # pixels above it define the object's bounding box
+CROP_MARGIN = 1.1          # crop side = 1.1 x the longer bbox side (TRELLIS.2 uses 1.0)
+
+
+@dataclass(frozen=True)
+class CropGeometry:
+    """Where the square conditioning crop lies in the input image.
+
+    `box` is the crop (x0, y0, x1, y1) in "working" pixels, i.e. after the optional downscale of large inputs;
+    it may extend past the image (that part is transparent, hence black). The properties express the crop in
+    input-image pixels (x right, y down, pixel edges at integers), as `camera.CropCamera.from_crop` expects.
+    """
+    source_size: tuple[int, int]    # (W, H) of the input image
+    working_size: tuple[int, int]   # (W, H) after the downscale; equal to source_size if there was none
+    box: tuple[int, int, int, int]
+
+    @property
+    def downscale(self) -> float:
+        """Working pixels per input pixel (1.0 when the input was small enough)."""
+        return self.working_size[0] / self.source_size[0]
+
+    @property
+    def center(self) -> tuple[float, float]:
+        x0, y0, x1, y1 = self.box
+        return ((x0 + x1) / 2 * self.source_size[0] / self.working_size[0],
+                (y0 + y1) / 2 * self.source_size[1] / self.working_size[1])
+
+    @property
+    def size(self) -> float:
+        """Side of the square crop in input pixels."""
+        return (self.box[2] - self.box[0]) * self.source_size[0] / self.working_size[0]
+
+
+def _rgba_with_alpha(image: Image.Image) -> Image.Image:
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"expected a PIL image, got {type(image).__name__}")
+    if "A" not in image.getbands() and "transparency" not in image.info:
+        raise ValueError(f"image has no alpha mask (mode {image.mode}); remove the background first "
+                         "or pass an RGBA image whose alpha marks the object")
+    rgba = image.convert("RGBA")
+    if np.asarray(rgba.getchannel("A")).min() == 255:
+        raise ValueError("image has no alpha mask (alpha is 255 everywhere); remove the background first "
+                         "or pass an RGBA image whose alpha marks the object")
+    return rgba
+
+
+def preprocess_with_crop(image: Image.Image) -> tuple[Image.Image, CropGeometry]:
+    """Official `preprocess_image` for an image with alpha; also returns where the crop lies in the input."""
+    rgba = _rgba_with_alpha(image)
+    source_size = rgba.size
+    if max(rgba.size) > MAX_SIDE:
+        scale = MAX_SIDE / max(rgba.size)
+        rgba = rgba.resize((int(rgba.width * scale), int(rgba.height * scale)), Image.Resampling.LANCZOS)
+
+    alpha = np.asarray(rgba.getchannel("A"))
+    ys, xs = np.nonzero(alpha > ALPHA_THRESHOLD)
+    if xs.size == 0:
+        raise ValueError("image alpha mask is empty: no pixel is more than 80% opaque")
+    x0, y0, x1, y1 = xs.min(), ys.min(), xs.max(), ys.max()
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    half = int(max(x1 - x0, y1 - y0) * CROP_MARGIN) // 2
+    # PIL rounds a float box (Python round, half to even); keep the rounded box so the geometry is exact.
+    box = tuple(int(round(c)) for c in (cx - half, cy - half, cx + half, cy + half))
+    crop = np.asarray(rgba.crop(box)).astype(np.float32) / 255
+
+    # Composite onto black: rgb * alpha, truncated back to uint8 as the official code does.
+    rgb = np.clip(crop[:, :, :3] * crop[:, :, 3:4], 0.0, 1.0)
+    out = Image.fromarray((rgb * 255).astype(np.uint8), "RGB")
+    return out, CropGeometry(source_size=source_size, working_size=rgba.size, box=box)
+
+
+def preprocess_image(image: Image.Image) -> Image.Image:
+    """RGBA image -> square RGB crop of the object on black (spec §1.3)."""
+    return preprocess_with_crop(image)[0]
