@@ -26,7 +26,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -186,15 +185,15 @@ class FlowTransformer(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 if initialization == "scaled":
-                    nn.init.normal_(m.weight, std=np.sqrt(2.0 / (5.0 * c)))
+                    nn.init.normal_(m.weight, std=math.sqrt(2.0 / (5.0 * c)))
                 else:
                     nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
         if initialization == "scaled":
             for block in self.blocks:
                 for out in (block.self_attn.to_out, block.cross_attn.cross_attn_block.to_out, block.mlp.mlp[2]):
-                    nn.init.normal_(out.weight, std=1.0 / np.sqrt(5 * len(self.blocks) * c))
-            nn.init.normal_(self.input_layer.weight, std=1.0 / np.sqrt(self.in_channels))
+                    nn.init.normal_(out.weight, std=1.0 / math.sqrt(5 * len(self.blocks) * c))
+            nn.init.normal_(self.input_layer.weight, std=1.0 / math.sqrt(self.in_channels))
         for layer in (self.t_embedder.mlp[0], self.t_embedder.mlp[2]):
             nn.init.normal_(layer.weight, std=0.02)
         for layer in (self.adaLN_modulation[-1], self.out_layer):

@@ -1,0 +1,243 @@
+"""Flow transformers, attention and the sampler beyond the parity fixtures: RoPE and attention properties,
+batching invariance, dense/sparse agreement, the mixed-precision rule, the released-checkpoint manifests and the
+sampler's schedule, guidance and cancellation."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import PARITY_DIR
+from pixal3d_backend.models import build_model
+from pixal3d_backend.models.attention import MultiHeadRMSNorm, VarLenLayout, apply_rope, attention, rope_phases
+from pixal3d_backend.models.flow_dit import SLatFlowModel, SparseStructureFlowModel
+from pixal3d_backend.sampler import STAGE_DEFAULTS, Cancelled, FlowEulerSampler, per_sample_std, timesteps
+from pixal3d_backend.sparse import SparseTensor
+
+SMALL = dict(resolution=4, in_channels=8, out_channels=8, model_channels=32, cond_channels=16, num_blocks=2,
+             num_heads=2, mlp_ratio=2.5, pe_mode="rope", share_mod=True, qk_rms_norm=True, qk_rms_norm_cross=True,
+             image_attn_mode="proj", proj_in_channels=12)
+
+
+def _randomized(model):
+    """Random values everywhere (the official init zeroes adaLN and the output layer, which hides bugs)."""
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    return model.eval()
+
+
+def _grid_coords(r, batch):
+    grid = torch.stack(torch.meshgrid(*[torch.arange(r)] * 3, indexing="ij"), -1).reshape(-1, 3)
+    return torch.cat([torch.full((r ** 3, 1), batch), grid], 1).int()
+
+
+# ---------------------------------------------------------------------------------------------- RoPE, norms
+def test_rope_rotates_consecutive_pairs_and_preserves_norms():
+    head_dim = 16                                   # 2 frequencies per axis, 6 angles, 2 identity pairs
+    coords = torch.tensor([[3, 5, 7]])
+    phases = rope_phases(coords, head_dim)
+    assert phases.shape == (1, 8) and phases.dtype == torch.complex64
+    f1 = 1 / 10000 ** 0.5
+    expected_angles = torch.tensor([3, 3 * f1, 5, 5 * f1, 7, 7 * f1, 0, 0])
+    torch.testing.assert_close(phases[0].angle(), torch.atan2(expected_angles.sin(), expected_angles.cos()))
+    x = torch.randn(1, 4, head_dim)                                  # [T, H, d]
+    y = apply_rope(x, phases)
+    torch.testing.assert_close(y.unflatten(-1, (-1, 2)).norm(dim=-1), x.unflatten(-1, (-1, 2)).norm(dim=-1))
+    torch.testing.assert_close(y[..., 12:], x[..., 12:])            # zero-angle padding leaves them untouched
+
+
+def test_rope_scores_depend_only_on_relative_position():
+    q, k = torch.randn(1, 1, 24), torch.randn(1, 1, 24)
+    a, b = torch.tensor([[1, 2, 3]]), torch.tensor([[4, 0, 9]])
+    shift = torch.tensor([[5, 11, 2]])
+
+    def score(pq, pk):
+        return (apply_rope(q, rope_phases(pq, 24)) * apply_rope(k, rope_phases(pk, 24))).sum()
+    torch.testing.assert_close(score(a, b), score(a + shift, b + shift), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(score(a, b), score(a, b + shift), rtol=1e-3)
+
+
+def test_rms_norm_normalises_each_head_in_fp32_and_keeps_the_dtype():
+    norm = MultiHeadRMSNorm(head_dim=8, num_heads=3)
+    with torch.no_grad():
+        norm.gamma.copy_(torch.arange(1, 4.0)[:, None].expand(3, 8))
+    x = torch.randn(5, 3, 8, dtype=torch.bfloat16) * 100
+    y = norm(x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float().norm(dim=-1), (torch.arange(1, 4.0) * math.sqrt(8)).expand(5, 3),
+                               rtol=1e-2, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------- attention
+def _reference_attention(q, k, v):           # [L, H, d] per sample, explicit softmax
+    w = torch.softmax(torch.einsum("qhd,khd->hqk", q, k) / math.sqrt(q.shape[-1]), dim=-1)
+    return torch.einsum("hqk,khd->qhd", w, v)
+
+
+@pytest.mark.parametrize("q_lens,kv_lens", [((5, 3, 7), (5, 3, 7)), ((6, 2), (4, 4)), ((4, 4), (3, 3))])
+def test_packed_attention_equals_per_sample_attention(q_lens, kv_lens):
+    q, k, v = torch.randn(sum(q_lens), 2, 8), torch.randn(sum(kv_lens), 2, 8), torch.randn(sum(kv_lens), 2, 8)
+    out = attention(q, k, v, VarLenLayout(q_lens, kv_lens))
+    expected = torch.cat([_reference_attention(*s) for s in zip(q.split(q_lens), k.split(kv_lens), v.split(kv_lens))])
+    torch.testing.assert_close(out, expected)
+    dense = attention(q[:q_lens[0]][None], k[:kv_lens[0]][None], v[:kv_lens[0]][None], None)
+    torch.testing.assert_close(dense[0], expected[:q_lens[0]])
+
+
+# ---------------------------------------------------------------------------------------------- models
+def test_sparse_model_batch_equals_per_sample_runs():
+    model = _randomized(SLatFlowModel(**{**SMALL, "in_channels": 12}))  # texture-like: 8 noise + 4 concat
+    gen = torch.Generator().manual_seed(1)
+    coords = [torch.unique(torch.randint(0, 6, (n, 3), generator=gen), dim=0) for n in (30, 12)]
+    samples = []
+    for b, c in enumerate(coords):
+        n = len(c)
+        samples.append(dict(coords=torch.cat([torch.full((n, 1), b), c], 1).int(), x=torch.randn(n, 8, generator=gen),
+                            concat=torch.randn(n, 4, generator=gen), proj=torch.randn(n, 12, generator=gen),
+                            glob=torch.randn(1, 5, 16, generator=gen), t=torch.rand(1, generator=gen) * 1000))
+
+    def run(parts):
+        coords = torch.cat([p["coords"] for p in parts])
+        x = SparseTensor(torch.cat([p["x"] for p in parts]), coords)
+        cond = {"global": torch.cat([p["glob"] for p in parts]),
+                "proj": SparseTensor(torch.cat([p["proj"] for p in parts]), coords)}
+        with torch.no_grad():
+            out = model(x, torch.cat([p["t"] for p in parts]), cond,
+                        concat_cond=SparseTensor(torch.cat([p["concat"] for p in parts]), coords))
+        assert out.coords is x.coords
+        return out.feats
+
+    alone = [run([{**s, "coords": s["coords"].clone().index_fill_(1, torch.tensor([0]), 0)}]) for s in samples]
+    torch.testing.assert_close(run(samples), torch.cat(alone), rtol=1e-5, atol=1e-5)
+
+
+def test_dense_and_sparse_models_agree_on_the_full_grid():
+    """The dense token order ix*r*r + iy*r + iz and the dense RoPE buffer match sparse coords of the grid."""
+    dense = _randomized(SparseStructureFlowModel(**SMALL))
+    sparse = SLatFlowModel(**SMALL).eval()
+    sparse.load_state_dict({k: v for k, v in dense.state_dict().items() if k != "rope_phases"})
+    r, batch = SMALL["resolution"], 2
+    x, t = torch.randn(batch, 8, r, r, r), torch.tensor([900.0, 150.0])
+    glob, proj = torch.randn(batch, 5, 16), torch.randn(batch, r ** 3, 12)
+    coords = torch.cat([_grid_coords(r, b) for b in range(batch)])
+    tokens = lambda a: a.flatten(2).transpose(1, 2).reshape(batch * r ** 3, -1)
+    with torch.no_grad():
+        out_dense = dense(x, t, {"global": glob, "proj": proj})
+        out_sparse = sparse(SparseTensor(tokens(x), coords), t,
+                            {"global": glob, "proj": SparseTensor(proj.flatten(0, 1), coords)})
+    torch.testing.assert_close(out_sparse.feats, tokens(out_dense), rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_model_keeps_only_block_linears_in_bf16():
+    fp32 = _randomized(SLatFlowModel(**SMALL))
+    bf16 = SLatFlowModel(**SMALL, dtype="bfloat16")
+    bf16.load_state_dict(fp32.state_dict())
+    for name, p in bf16.named_parameters():
+        in_block_linear = name.startswith("blocks.") and not any(s in name for s in ("norm", "modulation"))
+        assert p.dtype == (torch.bfloat16 if in_block_linear else torch.float32), name
+    coords = _grid_coords(3, 0)
+    x = SparseTensor(torch.randn(len(coords), 8), coords)
+    cond = {"global": torch.randn(1, 5, 16), "proj": SparseTensor(torch.randn(len(coords), 12), coords)}
+    with torch.no_grad():
+        ref, out = fp32(x, torch.tensor([500.0]), cond).feats, bf16(x, torch.tensor([500.0]), cond).feats
+    assert out.dtype == torch.float32
+    assert (out - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+@pytest.mark.parametrize("override,message", [({"image_attn_mode": "gated_proj"}, "image_attn_mode"),
+                                              ({"pe_mode": "ape"}, "pe_mode"), ({"dtype": "float64"}, "dtype"),
+                                              ({"num_heads": 3}, "head_dim")])
+def test_unsupported_configs_are_refused(override, message):
+    with pytest.raises(ValueError, match=message):
+        SLatFlowModel(**{**SMALL, **override})
+
+
+def test_sparse_model_rejects_misaligned_conditions():
+    model = SLatFlowModel(**SMALL)
+    coords = _grid_coords(2, 0)
+    x = SparseTensor(torch.randn(8, 8), coords)
+    with pytest.raises(ValueError, match="proj"):
+        model(x, torch.tensor([1.0]), {"global": torch.randn(1, 5, 16), "proj": SparseTensor(torch.randn(7, 12), coords[:7])})
+
+
+def _flow_manifests():
+    paths = sorted(PARITY_DIR.glob("manifest_*.json"))
+    return [p for p in paths if json.loads(p.read_text())["class"] in ("SparseStructureFlowModel", "SLatFlowModel",
+                                                                       "ElasticSLatFlowModel")]
+
+
+@pytest.mark.parametrize("path", _flow_manifests(), ids=lambda p: p.stem)
+def test_full_size_model_matches_released_checkpoint_manifest(path):
+    manifest = json.loads(path.read_text())
+    with torch.device("meta"):
+        model = build_model({"name": manifest["class"], "args": manifest["args"]})
+    got = {k: (list(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in model.state_dict().items()}
+    assert got == {k: (shape, dtype) for k, shape, dtype in manifest["params"]}
+    assert sum(p.numel() for p in model.parameters()) == manifest["total_params"]
+
+
+# ---------------------------------------------------------------------------------------------- sampler
+def test_schedule_is_float64_and_hits_the_guidance_boundary_exactly():
+    t = timesteps(12, 3.0)
+    assert len(t) == 13 and t[0] == 1.0 and t[-1] == 0.0 and all(a > b for a, b in zip(t, t[1:]))
+    assert t[8] == 0.6 and timesteps(3, 3.0)[2] == 0.6
+    s = 1 - 5 / 12
+    assert t[5] == 3.0 * s / (1 + 2.0 * s)
+
+
+class _ExactVelocity:
+    """The true velocity of the straight path from a known x0; counts calls and the conditions it sees."""
+
+    def __init__(self, x0, sigma_min=1e-5):
+        self.x0, self.sigma_min, self.conds = x0, sigma_min, []
+
+    def __call__(self, x, t, cond, **kw):
+        self.conds.append(cond["tag"])
+        feats = x.feats if isinstance(x, SparseTensor) else x
+        tt = float(t[0]) / 1000
+        v = ((1 - self.sigma_min) * feats - self.x0) / (self.sigma_min + (1 - self.sigma_min) * tt)
+        return x.replace(v) if isinstance(x, SparseTensor) else v
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_euler_with_exact_velocity_lands_on_x0_through_cfg_and_rescale(sparse):
+    eps, x0 = torch.randn(40, 6, dtype=torch.float64), torch.randn(40, 6, dtype=torch.float64)
+    noise = SparseTensor(eps, torch.cat([_grid_coords(2, 0)] * 5).index_fill_(1, torch.tensor([0]), 0)) if sparse \
+        else eps[None]
+    model = _ExactVelocity(x0 if sparse else x0[None])
+    result = FlowEulerSampler().sample(model, noise, {"tag": "pos"}, {"tag": "neg"}, **STAGE_DEFAULTS["shape"])
+    feats = (lambda a: a.feats) if sparse else (lambda a: a[0])
+    torch.testing.assert_close(feats(result.samples), x0 + 1e-5 * eps, rtol=1e-6, atol=1e-6)
+    for pred in result.pred_x_0:
+        torch.testing.assert_close(feats(pred), x0, rtol=1e-6, atol=1e-6)
+    # CFG on the inclusive interval [0.6, 1.0]: steps 0..8 (t_8 = 0.6) take two passes, the last three one.
+    assert model.conds == ["pos", "neg"] * 9 + ["pos"] * 3
+
+
+def test_guidance_strength_one_is_a_single_conditional_pass_and_on_step_reports_progress():
+    model, progress = _ExactVelocity(torch.zeros(1, 4)), []
+    FlowEulerSampler().sample(model, torch.randn(1, 4), {"tag": "pos"}, {"tag": "neg"}, **STAGE_DEFAULTS["texture"],
+                              on_step=lambda i, n: progress.append((i, n)))
+    assert model.conds == ["pos"] * 12 and progress == [(i, 12) for i in range(12)]
+
+
+def test_cancellation_raises_between_steps():
+    model, done = _ExactVelocity(torch.zeros(1, 4)), []
+    with pytest.raises(Cancelled):
+        FlowEulerSampler().sample(model, torch.randn(1, 4), {"tag": "pos"}, {"tag": "neg"}, **STAGE_DEFAULTS["texture"],
+                                  on_step=lambda i, n: done.append(i), should_cancel=lambda: len(done) == 2)
+    assert done == [0, 1] and len(model.conds) == 2
+
+
+def test_cfg_rescale_std_is_unbiased_dense_and_population_sparse():
+    x = torch.randn(2, 3, 5, dtype=torch.float64)
+    torch.testing.assert_close(per_sample_std(x, None).flatten(), torch.tensor([np.std(a, ddof=1) for a in x.numpy()]))
+    coords = torch.cat([_grid_coords(2, 0)[:3], _grid_coords(2, 1)])
+    feats = torch.randn(len(coords), 4, dtype=torch.float64)
+    std = per_sample_std(feats, SparseTensor(feats, coords))
+    assert std.shape == (11, 1)
+    torch.testing.assert_close(std[:3, 0], torch.full((3,), np.std(feats[:3].numpy()), dtype=torch.float64))
+    torch.testing.assert_close(std[3:, 0], torch.full((8,), np.std(feats[3:].numpy()), dtype=torch.float64))
