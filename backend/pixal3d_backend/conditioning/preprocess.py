@@ -57,14 +57,16 @@ def _rgba_with_alpha(image: Image.Image) -> Image.Image:
     return rgba
 
 
-def preprocess_with_crop(image: Image.Image) -> tuple[Image.Image, CropGeometry]:
-    """Official `preprocess_image` for an image with alpha; also returns where the crop lies in the input."""
+def _working_image(image: Image.Image) -> Image.Image:
+    """The RGBA image the crop is computed on: large inputs are LANCZOS-downscaled to a 1024 longer side."""
     rgba = _rgba_with_alpha(image)
-    source_size = rgba.size
     if max(rgba.size) > MAX_SIDE:
         scale = MAX_SIDE / max(rgba.size)
         rgba = rgba.resize((int(rgba.width * scale), int(rgba.height * scale)), Image.Resampling.LANCZOS)
+    return rgba
 
+
+def _crop_box(rgba: Image.Image) -> tuple[int, int, int, int]:
     alpha = np.asarray(rgba.getchannel("A"))
     ys, xs = np.nonzero(alpha > ALPHA_THRESHOLD)
     if xs.size == 0:
@@ -72,16 +74,20 @@ def preprocess_with_crop(image: Image.Image) -> tuple[Image.Image, CropGeometry]
     x0, y0, x1, y1 = xs.min(), ys.min(), xs.max(), ys.max()
     cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
     half = int(max(x1 - x0, y1 - y0) * CROP_MARGIN) // 2
-    # PIL rounds a float box (Python round, half to even); keep the rounded box so the geometry is exact.
-    box = tuple(int(round(c)) for c in (cx - half, cy - half, cx + half, cy + half))
-    crop = np.asarray(rgba.crop(box)).astype(np.float32) / 255
+    # PIL rounds a float box (Python round, half to even); round here so the geometry is the crop PIL makes.
+    return tuple(int(round(c)) for c in (cx - half, cy - half, cx + half, cy + half))
 
-    # Composite onto black: rgb * alpha, truncated back to uint8 as the official code does.
-    rgb = np.clip(crop[:, :, :3] * crop[:, :, 3:4], 0.0, 1.0)
-    out = Image.fromarray((rgb * 255).astype(np.uint8), "RGB")
-    return out, CropGeometry(source_size=source_size, working_size=rgba.size, box=box)
+
+def crop_geometry(image: Image.Image) -> CropGeometry:
+    """Where `preprocess_image` crops `image` (same validation and errors)."""
+    rgba = _working_image(image)
+    return CropGeometry(source_size=image.size, working_size=rgba.size, box=_crop_box(rgba))
 
 
 def preprocess_image(image: Image.Image) -> Image.Image:
-    """RGBA image -> square RGB crop of the object on black (spec §1.3)."""
-    return preprocess_with_crop(image)[0]
+    """RGBA image -> square RGB crop of the object on black (official `preprocess_image`, spec §1.3)."""
+    rgba = _working_image(image)
+    crop = np.asarray(rgba.crop(_crop_box(rgba))).astype(np.float32) / 255
+    # Composite onto black: rgb * alpha, truncated back to uint8 as the official code does.
+    rgb = np.clip(crop[:, :, :3] * crop[:, :, 3:4], 0.0, 1.0)
+    return Image.fromarray((rgb * 255).astype(np.uint8), "RGB")

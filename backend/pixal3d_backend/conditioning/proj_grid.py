@@ -27,23 +27,23 @@ SENSOR_MM = 32.0   # Blender default sensor width; the official focal length is 
 
 @dataclass(frozen=True)
 class ViewCamera:
-    """Conditioning camera of one square image.
+    """Conditioning camera of one square image (any object with these attributes is accepted where a camera
+    is asked for; `c2w` may be absent).
 
-    `fov` is the horizontal (= vertical) field of view in radians. The camera is either the official front
-    view at `distance` (single view) or an explicit Blender camera-to-world `c2w`, for multi-view already
-    re-based into the main view's frame with `camera.rebase_view`.
+    `fov` is the horizontal (= vertical) field of view in radians. Without `c2w` the camera is the official
+    front view at `distance`; with `c2w` (a Blender camera-to-world, for multi-view re-based into the main
+    view's frame by `camera.rebase_view`) `distance` is not used.
     """
     fov: float
-    distance: float | None = None
+    distance: float
     mesh_scale: float = 1.0
     c2w: np.ndarray | None = None
 
-    def __post_init__(self):
-        if (self.distance is None) == (self.c2w is None):
-            raise ValueError("a ViewCamera needs exactly one of `distance` (front view) or `c2w`")
 
-    def camera_to_world(self) -> np.ndarray:
-        return front_view_c2w(self.distance) if self.c2w is None else np.asarray(self.c2w, dtype=np.float64)
+def camera_to_world(camera) -> np.ndarray:
+    """[4, 4] Blender camera-to-world of a `ViewCamera`-like object."""
+    c2w = getattr(camera, "c2w", None)
+    return front_view_c2w(camera.distance) if c2w is None else np.asarray(c2w, dtype=np.float64)
 
 
 class Projection(NamedTuple):
@@ -83,7 +83,7 @@ def _per_view(value, batch: int, device) -> torch.Tensor:
     return t.expand(batch)
 
 
-def _camera_to_world(distance, c2w, batch: int, device) -> torch.Tensor:
+def _c2w_batch(distance, c2w, batch: int, device) -> torch.Tensor:
     """float32 [batch, 4, 4] Blender camera-to-world matrices."""
     if (distance is None) == (c2w is None):
         raise ValueError("give exactly one of `distance` (front view) or `c2w`")
@@ -104,7 +104,7 @@ def project_voxels(coords: torch.Tensor, grid_resolution: int, image_size: int, 
     ms = _per_view(mesh_scale, batch, device)
     points = world_grid_points(coords, grid_resolution)[None] / ms[:, None, None] / 2       # [B, N, 3]
     # The official code inverts the float32 camera-to-world matrix; keep that rounding.
-    w2c = torch.linalg.inv(_camera_to_world(distance, c2w, batch, device))
+    w2c = torch.linalg.inv(_c2w_batch(distance, c2w, batch, device))
     cam = points @ w2c[:, :3, :3].transpose(1, 2) + w2c[:, None, :3, 3]                     # looks along -z
     focal = SENSOR_MM / 2 / torch.tan(_per_view(fov, batch, device) / 2) * image_size / SENSOR_MM
     depth = -cam[..., 2]
