@@ -54,6 +54,8 @@ def timesteps(steps: int, rescale_t: float) -> list[float]:
 
 
 class FlowEulerSampler:
+    """Official `FlowEulerGuidanceIntervalSampler`: Euler steps, CFG inside the guidance interval, CFG rescale."""
+
     def __init__(self, sigma_min: float = 1e-5):
         self.sigma_min = sigma_min
 
@@ -77,7 +79,7 @@ class FlowEulerSampler:
 
         t_seq = timesteps(steps, rescale_t)
         x = noise.feats if sparse else noise
-        result = SamplerResult(samples=noise, pred_x_t=[], pred_x_0=[], t_seq=t_seq)
+        pred_x_t, pred_x_0 = [], []
         for i, (t, t_prev) in enumerate(zip(t_seq[:-1], t_seq[1:])):
             if should_cancel is not None and should_cancel():
                 raise Cancelled(f"sampling cancelled before step {i + 1}/{steps}")
@@ -89,13 +91,12 @@ class FlowEulerSampler:
             else:
                 v = self._guided_velocity(x, t, velocity(x, t, cond), velocity(x, t, neg_cond), w,
                                           guidance_rescale, noise if sparse else None)
-            result.pred_x_0.append(wrap(self._x0(x, t, v)))
+            pred_x_0.append(wrap(self._x0(x, t, v)))
             x = x - (t - t_prev) * v
-            result.pred_x_t.append(wrap(x))
+            pred_x_t.append(wrap(x))
             if on_step is not None:
                 on_step(i, steps)
-        result.samples = wrap(x)
-        return result
+        return SamplerResult(samples=wrap(x), pred_x_t=pred_x_t, pred_x_0=pred_x_0, t_seq=t_seq)
 
     def _x0(self, x_t: torch.Tensor, t: float, v: torch.Tensor) -> torch.Tensor:
         return (1 - self.sigma_min) * x_t - (self.sigma_min + (1 - self.sigma_min) * t) * v
