@@ -1,0 +1,65 @@
+"""Meshing of decoded voxels (flexible dual grid) and small-hole filling, in vectorised PyTorch (CPU or GPU).
+
+Flexible dual grid (TRELLIS.2 `o_voxel.convert.flexible_dual_grid_to_mesh`): every voxel owns one dual vertex
+placed inside (or slightly around) it; every voxel edge flagged as crossing the surface becomes a quad joining
+the dual vertices of the 4 voxels around that edge, split into two triangles along the better diagonal.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .sparse_conv import CoordinateIndex
+
+# For an edge along axis a starting at voxel c, the 4 voxels around it are c + QUAD_OFFSETS[a] (in winding order).
+QUAD_OFFSETS = torch.tensor([
+    [[0, 0, 0], [0, 0, 1], [0, 1, 1], [0, 1, 0]],   # x
+    [[0, 0, 0], [1, 0, 0], [1, 0, 1], [0, 0, 1]],   # y
+    [[0, 0, 0], [0, 1, 0], [1, 1, 0], [1, 0, 0]],   # z
+])
+# the two triangulations of quad (0, 1, 2, 3): along diagonal 0-2, or along diagonal 1-3
+_SPLIT_02 = torch.tensor([0, 1, 2, 0, 2, 3])
+_SPLIT_13 = torch.tensor([0, 1, 3, 3, 1, 2])
+
+
+@dataclass
+class VoxelMesh:
+    """A mesh plus the voxels it was extracted from (what the exporter bakes attributes from).
+
+    vertices float32 [V, 3] and faces int32 [F, 3] live in the box [origin, origin + resolution * voxel_size];
+    coords int32 [N, 3] are the voxel (x, y, z) indices; attrs [N, C] their per-voxel attributes (PBR) or None.
+    """
+    vertices: torch.Tensor
+    faces: torch.Tensor
+    coords: torch.Tensor
+    attrs: torch.Tensor | None
+    voxel_size: float
+    origin: tuple[float, float, float] = (-0.5, -0.5, -0.5)
+
+
+def flexible_dual_grid_to_mesh(coords: torch.Tensor, vertex_offsets: torch.Tensor, intersected: torch.Tensor,
+                               split_weights: torch.Tensor, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mesh of one object from its decoded voxels.
+
+    coords int [N, 3] (unique, in [0, resolution)); vertex_offsets float [N, 3] (dual vertex inside voxel, in
+    voxel units); intersected bool [N, 3] (the voxel's edge along x / y / z crosses the surface);
+    split_weights float [N] or [N, 1] (> 0). Returns vertices float32 [N, 3] in [-0.5, 0.5]^3 (one per voxel,
+    in voxel order, unused ones included) and faces int32 [F, 3], two per quad, quads in voxel-major then
+    axis order. A quad is kept only if all 4 voxels exist.
+    """
+    device = coords.device
+    vertices = (coords.float() + vertex_offsets.float()) * (1.0 / resolution) - 0.5
+
+    voxel, axis = intersected.nonzero(as_tuple=True)
+    corners = coords[voxel].long().unsqueeze(1) + QUAD_OFFSETS.to(device)[axis]          # [M, 4, 3]
+    index = CoordinateIndex(coords)
+    outside = (corners >= resolution).any(-1)          # the official hash map has no cells past the grid
+    quads = torch.where(outside, -1, index.find(corners.reshape(-1, 3)).reshape(-1, 4))
+    quads = quads[(quads >= 0).all(-1)].long()
+    del corners
+
+    w = split_weights.reshape(-1)[quads]
+    along_02 = (w[:, 0] * w[:, 2] > w[:, 1] * w[:, 3]).unsqueeze(1)
+    faces = torch.where(along_02, quads[:, _SPLIT_02.to(device)], quads[:, _SPLIT_13.to(device)])
+    return vertices, faces.reshape(-1, 3).int()
