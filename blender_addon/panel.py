@@ -1,0 +1,135 @@
+"""The "Pixal3D" tab in the 3D view's sidebar."""
+import bpy
+
+
+
+class PIXAL3D_PT_main(bpy.types.Panel):
+    bl_label = "Pixal3D"
+    bl_space_type = 'VIEW_3D'
+    bl_region_type = 'UI'
+    bl_category = "Pixal3D"
+
+    def draw(self, context):
+        layout = self.layout
+        settings, status = context.scene.pixal3d, context.window_manager.pixal3d
+        layout.use_property_split = True
+        layout.use_property_decorate = False
+
+        col = layout.column()
+        col.prop(settings, "source")
+        if settings.source == "IMAGE":
+            col.template_ID(settings, "image", open="image.open")
+            col.prop(settings, "photo_lens")
+        elif settings.source == "FILE":
+            col.prop(settings, "filepath")
+            col.prop(settings, "photo_lens")
+        elif settings.source == "CAMERA":
+            camera = context.scene.camera
+            col.label(text=camera.name if camera else "No active camera", icon='CAMERA_DATA')
+        else:
+            names = [o.name for o in context.selected_objects if o.type == 'CAMERA']
+            col.label(text=f"{len(names)} selected camera(s); the active one is the main view",
+                      icon='OUTLINER_OB_CAMERA')
+
+        col = layout.column(heading="Seed")
+        row = col.row(align=True)
+        row.prop(settings, "seed", text="")
+        row.prop(settings, "random_seed", text="", icon='FILE_REFRESH')
+        layout.prop(settings, "resolution")
+        layout.prop(settings, "face_target")
+        layout.prop(settings, "texture_size")
+
+        row = layout.row(align=True)
+        row.scale_y = 1.4
+        if status.running:
+            row.operator("pixal3d.cancel", icon='CANCEL', text="Cancelling…" if status.cancelling else "Cancel")
+        else:
+            row.operator("pixal3d.generate", icon='PLAY')
+        if status.running:
+            if status.total:
+                layout.progress(factor=status.fraction, text=status.message)
+            else:
+                layout.label(text=status.message, icon='TIME')
+        elif status.message:
+            layout.label(text=status.message, icon='INFO')
+        if status.last_error:
+            box = layout.box()
+            box.label(text="Last error", icon='ERROR')
+            for line in _wrap(status.last_error, 48):
+                box.label(text=line)
+        if status.backend:
+            layout.label(text=status.backend, icon='LINKED')
+
+
+class PIXAL3D_PT_sampling(bpy.types.Panel):
+    bl_label = "Sampling"
+    bl_space_type = 'VIEW_3D'
+    bl_region_type = 'UI'
+    bl_category = "Pixal3D"
+    bl_parent_id = "PIXAL3D_PT_main"
+    bl_options = {'DEFAULT_CLOSED'}
+
+    def draw(self, context):
+        layout = self.layout
+        layout.use_property_split = True
+        layout.use_property_decorate = False
+        settings = context.scene.pixal3d
+        for stage in ("ss", "shape", "tex"):
+            col = layout.column(align=True)
+            col.prop(settings, f"{stage}_steps")
+            col.prop(settings, f"{stage}_guidance")
+        col = layout.column(heading="Mesh")
+        col.prop(settings, "remesh")
+        col.prop(settings, "normal_map")
+        col.prop(settings, "low_vram")
+
+
+class PIXAL3D_PT_placement(bpy.types.Panel):
+    bl_label = "Placement"
+    bl_space_type = 'VIEW_3D'
+    bl_region_type = 'UI'
+    bl_category = "Pixal3D"
+    bl_parent_id = "PIXAL3D_PT_main"
+    bl_options = {'DEFAULT_CLOSED'}
+
+    def draw(self, context):
+        layout = self.layout
+        layout.use_property_split = True
+        layout.use_property_decorate = False
+        settings = context.scene.pixal3d
+        layout.prop(settings, "depth")
+        layout.prop(settings, "parent_to_camera")
+
+
+class PIXAL3D_PT_object(bpy.types.Panel):
+    bl_label = "Generated Object"
+    bl_space_type = 'VIEW_3D'
+    bl_region_type = 'UI'
+    bl_category = "Pixal3D"
+    bl_parent_id = "PIXAL3D_PT_main"
+
+    @classmethod
+    def poll(cls, context):
+        return context.active_object is not None and "pixal3d" in context.active_object
+
+    def draw(self, context):
+        layout = self.layout
+        info = context.active_object["pixal3d"]
+        options = info.get("options", {})
+        layout.label(text=f"Seed {options.get('seed', '?')}, {options.get('resolution', '?')} px")
+        layout.label(text=f"Model {info.get('model_id', '?')}")
+        layout.operator("pixal3d.regenerate", icon='FILE_REFRESH')
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    lines, line = [], ""
+    for word in text.split():
+        if line and len(line) + 1 + len(word) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}".strip()
+    return lines + ([line] if line else [])
+
+
+classes = (PIXAL3D_PT_main, PIXAL3D_PT_sampling, PIXAL3D_PT_placement, PIXAL3D_PT_object)

@@ -1,0 +1,100 @@
+"""The panel's settings (per scene, saved with the .blend) and the job's display state (per window manager,
+never saved). Generation options are built from `protocol.Options`, the one place their defaults and ranges
+are defined."""
+import dataclasses
+
+import bpy
+from bpy.props import BoolProperty, EnumProperty, FloatProperty, IntProperty, PointerProperty, StringProperty
+
+from .shared import protocol
+
+SOURCES = [
+    ("CAMERA", "Active Camera", "Render the active camera's view with a transparent background; the alpha is the "
+                                "object mask and the result is placed in that camera's view", 'CAMERA_DATA', 0),
+    ("CAMERAS", "Selected Cameras", "Multi-view: render every selected camera; the active camera is the main "
+                                    "view and the result is placed in its view", 'OUTLINER_OB_CAMERA', 1),
+    ("IMAGE", "Image", "A Blender image; its alpha (if any) is the object mask", 'IMAGE_DATA', 2),
+    ("FILE", "Image File", "An image file on disk; its alpha (if any) is the object mask", 'FILE_IMAGE', 3),
+]
+
+_LABELS = {
+    "seed": "Seed", "resolution": "Resolution", "ss_steps": "Structure Steps", "ss_guidance": "Structure Guidance",
+    "shape_steps": "Shape Steps", "shape_guidance": "Shape Guidance", "tex_steps": "Texture Steps",
+    "tex_guidance": "Texture Guidance", "face_target": "Face Target", "texture_size": "Texture Size",
+    "remesh": "Remesh", "normal_map": "Normal Map", "low_vram": "Low VRAM",
+}
+RESOLUTIONS = (512, 1024, 1536)
+
+
+def _option_property(option: dataclasses.Field):
+    spec, default = option.metadata, option.default
+    common = {"name": _LABELS[option.name], "description": spec["doc"].capitalize()}
+    if spec["choices"] or option.name == "resolution":
+        values = spec["choices"] or RESOLUTIONS
+        return EnumProperty(items=[(str(v), f"{v} px", "") for v in values], default=str(default), **common)
+    if isinstance(default, bool):
+        return BoolProperty(default=default, **common)
+    if isinstance(default, int):
+        # IntProperty is a signed 32-bit int: the seed's range is clamped to it.
+        return IntProperty(default=default, min=int(spec["low"]), max=min(int(spec["high"]), 2**31 - 1), **common)
+    return FloatProperty(default=default, min=spec["low"], max=spec["high"], **common)
+
+
+class PIXAL3D_PG_settings(bpy.types.PropertyGroup):
+    __annotations__ = {f.name: _option_property(f) for f in dataclasses.fields(protocol.Options)}
+
+    source: EnumProperty(name="Source", items=SOURCES, default="CAMERA")
+    image: PointerProperty(name="Image", type=bpy.types.Image)
+    filepath: StringProperty(name="Image File", subtype='FILE_PATH')
+    photo_lens: FloatProperty(
+        name="Focal Length", default=50.0, min=1.0, soft_max=500.0, unit='CAMERA', subtype='DISTANCE_CAMERA',
+        description="Focal length the photo was taken with, as a 36 mm full-frame equivalent (sets the field of "
+                    "view the model assumes)")
+    random_seed: BoolProperty(name="New Seed Each Time", default=False,
+                              description="Draw a new seed for every generation")
+    depth: FloatProperty(
+        name="Distance", default=0.0, min=0.0, soft_max=100.0, unit='LENGTH',
+        description="Distance from the camera to the generated object's centre; the object is scaled about the "
+                    "camera so it still lines up with the image. 0 keeps the generated size")
+    parent_to_camera: BoolProperty(name="Parent to Camera", default=False,
+                                   description="Parent the generated object to its camera so they move together")
+
+    def options(self) -> protocol.Options:
+        values = {}
+        for f in dataclasses.fields(protocol.Options):
+            value = getattr(self, f.name)
+            values[f.name] = int(value) if isinstance(f.default, int) and isinstance(value, str) else value
+        return protocol.Options(**values)
+
+
+class PIXAL3D_PG_status(bpy.types.PropertyGroup):
+    """What the panel shows about the running job; written only by the main-thread timer."""
+    running: BoolProperty()
+    cancelling: BoolProperty()
+    stage: StringProperty()
+    step: IntProperty()
+    total: IntProperty()
+    message: StringProperty()
+    last_error: StringProperty()
+    backend: StringProperty()       # "device, model" from the last hello
+
+    @property
+    def fraction(self) -> float:
+        return self.step / self.total if self.total else 0.0
+
+
+classes = (PIXAL3D_PG_settings, PIXAL3D_PG_status)
+
+
+def register():
+    for cls in classes:
+        bpy.utils.register_class(cls)
+    bpy.types.Scene.pixal3d = PointerProperty(type=PIXAL3D_PG_settings)
+    bpy.types.WindowManager.pixal3d = PointerProperty(type=PIXAL3D_PG_status)
+
+
+def unregister():
+    del bpy.types.WindowManager.pixal3d
+    del bpy.types.Scene.pixal3d
+    for cls in reversed(classes):
+        bpy.utils.unregister_class(cls)
