@@ -454,7 +454,8 @@ class Options:
     tex_steps: int = _option(12, 1, 100, doc="texture sampler steps")
     tex_guidance: float = _option(1.0, 0.0, 20.0, doc="texture guidance strength (1 = no guidance)")
     face_target: int = _option(1_000_000, 1_000, 2_000_000, doc="faces after decimation")
-    texture_size: int = _option(4096, choices=(512, 1024, 2048, 4096), doc="side of the PBR maps in pixels")
+    texture_size: int = _option(4096, 512, 4096, choices=(512, 1024, 2048, 4096),
+                                doc="side of the PBR maps in pixels")
     remesh: bool = _option(True, doc="rebuild the surface before decimation")
     normal_map: bool = _option(False, doc="bake a tangent-space normal map")
     low_vram: bool = _option(False, doc="keep models on the CPU between stages (slower, about half the VRAM)")
@@ -476,9 +477,8 @@ class Options:
             if kind is bool:
                 values[name] = o.flag(name)
             elif kind is int:
-                values[name] = _integer(value, spec["low"] if spec["low"] is not None else -2**63,
-                                        spec["high"] if spec["high"] is not None else 2**63, where,
-                                        ErrorCode.BAD_REQUEST, ErrorCode.OPTION_OUT_OF_RANGE)
+                values[name] = _integer(value, spec["low"], spec["high"], where, ErrorCode.BAD_REQUEST,
+                                        ErrorCode.OPTION_OUT_OF_RANGE)
             else:
                 values[name] = _number(value, spec["low"], spec["high"], where, ErrorCode.BAD_REQUEST,
                                        ErrorCode.OPTION_OUT_OF_RANGE)
