@@ -63,3 +63,55 @@ def flexible_dual_grid_to_mesh(coords: torch.Tensor, vertex_offsets: torch.Tenso
     along_02 = (w[:, 0] * w[:, 2] > w[:, 1] * w[:, 3]).unsqueeze(1)
     faces = torch.where(along_02, quads[:, _SPLIT_02.to(device)], quads[:, _SPLIT_13.to(device)])
     return vertices, faces.reshape(-1, 3).int()
+
+
+def _component_labels(num_nodes: int, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Long [num_nodes]: the smallest node id of each node's connected component in the graph of edges (u, v).
+    Min-label hooking with pointer jumping: O(log n) rounds on typical graphs, each fully vectorised."""
+    label = torch.arange(num_nodes, device=u.device)
+    while True:
+        m = torch.minimum(label[u], label[v])
+        new = label.scatter_reduce(0, u, m, "amin").scatter_reduce(0, v, m, "amin")
+        new = new[new]
+        if torch.equal(new, label):
+            return label
+        label = new
+
+
+def fill_small_holes(vertices: torch.Tensor, faces: torch.Tensor,
+                     max_hole_perimeter: float = 3e-2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Closes every boundary loop whose perimeter is below `max_hole_perimeter` with a fan of triangles around
+    a new vertex at the loop's centroid. Returns (vertices [V + holes, 3], faces [F + loop edges, 3]).
+
+    Boundary edges are the (undirected) edges used by exactly one face. Only simple loops are filled: a loop
+    through a vertex with more than two boundary edges (a pinch) is left open. Each new triangle (b, a, c)
+    runs its boundary edge opposite to the face it borders (a -> b), so the fill is oriented like its
+    neighbours; the undirected test means meshes with inconsistent orientation (raw FDG) are handled too.
+    """
+    n_vertices = vertices.shape[0]
+    src = faces.long().reshape(-1)
+    dst = faces.long()[:, [1, 2, 0]].reshape(-1)
+    edge_keys = torch.minimum(src, dst) * n_vertices + torch.maximum(src, dst)
+    _, inverse, counts = torch.unique(edge_keys, return_inverse=True, return_counts=True)
+    on_boundary = counts[inverse] == 1
+    a, b = src[on_boundary], dst[on_boundary]           # boundary half-edges, as their face runs them
+    if a.numel() == 0:
+        return vertices, faces
+
+    loop = _component_labels(n_vertices, a, b)[a]      # loop id (smallest vertex id) of each boundary edge
+    degree = torch.bincount(torch.cat([a, b]), minlength=n_vertices)
+    pinched = torch.zeros(n_vertices, dtype=torch.bool, device=a.device)
+    pinched.index_fill_(0, loop[(degree[a] != 2) | (degree[b] != 2)], True)
+    perimeter = torch.zeros(n_vertices, dtype=vertices.dtype, device=vertices.device)
+    perimeter.index_add_(0, loop, (vertices[b] - vertices[a]).norm(dim=-1))
+    fill = ~pinched[loop] & (perimeter[loop] < max_hole_perimeter)
+    if not fill.any():
+        return vertices, faces
+
+    a, b, loop = a[fill], b[fill], loop[fill]
+    loop_ids, hole = torch.unique(loop, return_inverse=True)     # hole index 0..H-1 of each edge
+    centroid = torch.zeros(loop_ids.numel(), 3, dtype=vertices.dtype, device=vertices.device)
+    centroid.index_add_(0, hole, vertices[a] + vertices[b])     # every loop vertex ends exactly two edges
+    centroid /= 2 * torch.bincount(hole).unsqueeze(1).to(vertices.dtype)
+    new_faces = torch.stack([b, a, n_vertices + hole], dim=1).to(faces.dtype)
+    return torch.cat([vertices, centroid]), torch.cat([faces, new_faces])
