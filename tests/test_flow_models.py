@@ -12,7 +12,8 @@ from conftest import PARITY_DIR
 from pixal3d_backend.models import build_model
 from pixal3d_backend.models.attention import MultiHeadRMSNorm, VarLenLayout, apply_rope, attention, rope_phases
 from pixal3d_backend.models.flow_dit import SLatFlowModel, SparseStructureFlowModel
-from pixal3d_backend.sampler import STAGE_DEFAULTS, Cancelled, FlowEulerSampler, per_sample_std, timesteps
+from pixal3d_backend.sampler import (STAGE_DEFAULTS, Cancelled, FlowEulerGuidanceIntervalSampler, per_sample_std,
+                                     timesteps)
 from pixal3d_backend.sparse import SparseTensor
 
 SMALL = dict(resolution=4, in_channels=8, out_channels=8, model_channels=32, cond_channels=16, num_blocks=2,
@@ -160,7 +161,8 @@ def test_sparse_model_rejects_misaligned_conditions():
     coords = _grid_coords(2, 0)
     x = SparseTensor(torch.randn(8, 8), coords)
     with pytest.raises(ValueError, match="proj"):
-        model(x, torch.tensor([1.0]), {"global": torch.randn(1, 5, 16), "proj": SparseTensor(torch.randn(7, 12), coords[:7])})
+        model(x, torch.tensor([1.0]),
+              {"global": torch.randn(1, 5, 16), "proj": SparseTensor(torch.randn(7, 12), coords[:7])})
 
 
 def _flow_manifests():
@@ -208,7 +210,8 @@ def test_euler_with_exact_velocity_lands_on_x0_through_cfg_and_rescale(sparse):
     noise = SparseTensor(eps, torch.cat([_grid_coords(2, 0)] * 5).index_fill_(1, torch.tensor([0]), 0)) if sparse \
         else eps[None]
     model = _ExactVelocity(x0 if sparse else x0[None])
-    result = FlowEulerSampler().sample(model, noise, {"tag": "pos"}, {"tag": "neg"}, **STAGE_DEFAULTS["shape"])
+    result = FlowEulerGuidanceIntervalSampler().sample(model, noise, {"tag": "pos"}, {"tag": "neg"},
+                                                       **STAGE_DEFAULTS["shape"])
     feats = (lambda a: a.feats) if sparse else (lambda a: a[0])
     torch.testing.assert_close(feats(result.samples), x0 + 1e-5 * eps, rtol=1e-6, atol=1e-6)
     for pred in result.pred_x_0:
@@ -219,16 +222,17 @@ def test_euler_with_exact_velocity_lands_on_x0_through_cfg_and_rescale(sparse):
 
 def test_guidance_strength_one_is_a_single_conditional_pass_and_on_step_reports_progress():
     model, progress = _ExactVelocity(torch.zeros(1, 4)), []
-    FlowEulerSampler().sample(model, torch.randn(1, 4), {"tag": "pos"}, {"tag": "neg"}, **STAGE_DEFAULTS["texture"],
-                              on_step=lambda i, n: progress.append((i, n)))
+    FlowEulerGuidanceIntervalSampler().sample(model, torch.randn(1, 4), {"tag": "pos"}, {"tag": "neg"},
+                                              **STAGE_DEFAULTS["texture"], on_step=lambda i, n: progress.append((i, n)))
     assert model.conds == ["pos"] * 12 and progress == [(i, 12) for i in range(12)]
 
 
 def test_cancellation_raises_between_steps():
     model, done = _ExactVelocity(torch.zeros(1, 4)), []
     with pytest.raises(Cancelled):
-        FlowEulerSampler().sample(model, torch.randn(1, 4), {"tag": "pos"}, {"tag": "neg"}, **STAGE_DEFAULTS["texture"],
-                                  on_step=lambda i, n: done.append(i), should_cancel=lambda: len(done) == 2)
+        FlowEulerGuidanceIntervalSampler().sample(model, torch.randn(1, 4), {"tag": "pos"}, {"tag": "neg"},
+                                                  **STAGE_DEFAULTS["texture"], on_step=lambda i, n: done.append(i),
+                                                  should_cancel=lambda: len(done) == 2)
     assert done == [0, 1] and len(model.conds) == 2
 
 

@@ -36,7 +36,7 @@ Latent = torch.Tensor | SparseTensor
 
 
 class Cancelled(Exception):
-    """Raised by `FlowEulerSampler.sample` when `should_cancel()` returns True between two steps."""
+    """Raised by `FlowEulerGuidanceIntervalSampler.sample` when `should_cancel()` returns True between two steps."""
 
 
 @dataclass
@@ -53,8 +53,8 @@ def timesteps(steps: int, rescale_t: float) -> list[float]:
     return (rescale_t * s / (1 + (rescale_t - 1) * s)).tolist()
 
 
-class FlowEulerSampler:
-    """Official `FlowEulerGuidanceIntervalSampler`: Euler steps, CFG inside the guidance interval, CFG rescale."""
+class FlowEulerGuidanceIntervalSampler:
+    """The official sampler of all three stages: Euler steps, CFG inside the guidance interval, CFG rescale."""
 
     def __init__(self, sigma_min: float = 1e-5):
         self.sigma_min = sigma_min

@@ -6,7 +6,7 @@ For `sampler` fixtures check.py passes the model of `fixture.model_fixture`, bui
 """
 import torch
 
-from pixal3d_backend.sampler import FlowEulerSampler
+from pixal3d_backend.sampler import FlowEulerGuidanceIntervalSampler
 from pixal3d_backend.sparse import SparseTensor
 
 
@@ -50,7 +50,7 @@ def run_sampler(model, inp, meta):
         calls.append(1)
         return model(*args, **kwargs)
 
-    result = FlowEulerSampler(**meta["args"]).sample(
+    result = FlowEulerGuidanceIntervalSampler(**meta["args"]).sample(
         counting_model, noise, cond, _zero_cond(cond), **meta["fixture"]["sampler_params"], **kw,
         on_step=lambda step, total: calls_at_step_end.append(len(calls)))
     feats = lambda x: x.feats if isinstance(x, SparseTensor) else x

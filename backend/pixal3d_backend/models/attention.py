@@ -74,7 +74,8 @@ def rope_phases(coords: torch.Tensor, head_dim: int, rope_freq: tuple[float, flo
     angles are [x*f, y*f, z*f], padded with zero angles (identity rotations) up to head_dim // 2 pairs.
     """
     freq_dim = head_dim // 2 // 3
-    freqs = rope_freq[0] / rope_freq[1] ** (torch.arange(freq_dim, dtype=torch.float32, device=coords.device) / freq_dim)
+    j = torch.arange(freq_dim, dtype=torch.float32, device=coords.device)
+    freqs = rope_freq[0] / rope_freq[1] ** (j / freq_dim)
     angles = (coords.float()[:, :, None] * freqs).flatten(1)
     angles = F.pad(angles, (0, head_dim // 2 - angles.shape[1]))
     return torch.polar(torch.ones_like(angles), angles)
