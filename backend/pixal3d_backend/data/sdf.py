@@ -101,9 +101,12 @@ def extrusion(p: Tensor, profile: Tensor, half_depth: Tensor) -> Tensor:
 
 
 def lathe(p: Tensor, profile: Tensor) -> Tensor:
-    """A polygon in the (radius, y) half plane revolved around the y axis."""
+    """A profile revolved around the y axis. `profile [N,2]` is a chain of (radius >= 0, y) points from the
+    axis back to the axis; the section is closed with its mirror image (radius -> -radius), so the axis
+    itself is not a surface and interior distances stay exact."""
+    mirrored = torch.flip(profile[1:-1], dims=[0]) * torch.tensor([-1.0, 1.0], device=profile.device)
     q = torch.stack([_length2(p[:, 0], p[:, 2]), p[:, 1]], dim=-1)
-    return polygon2d(q, profile)
+    return polygon2d(q, torch.cat([profile, mirrored]))
 
 
 # --------------------------------------------------------------------------------------------------------

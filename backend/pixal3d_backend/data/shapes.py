@@ -45,7 +45,7 @@ PRIMITIVE_NAMES = tuple(_PRIMITIVES)
 @dataclass(frozen=True)
 class Part:
     """One primitive of the CSG program. `params` are the primitive's numbers (see `sdf.py` signatures, in
-    order); `profile` is the polygon of `extrusion` / `lathe`. The cut surface of `subtract` and the
+    order); `profile` is the polygon of `extrusion` or the axis-to-axis chain of `lathe`. The cut surface of `subtract` and the
     intersection surface of `intersect` take this part's material."""
     primitive: str
     params: tuple[float, ...]

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..mesh import flexible_dual_grid_to_mesh
 from .grid import lattice_points, project_to_surface, surface_voxels, voxel_centers
 from .shapes import ObjectField
 from .views import View
@@ -109,7 +110,12 @@ def occupancy(posed: PosedObject, resolution: int) -> Tensor:
 
 
 def _keys(coords: Tensor, size: int) -> Tensor:
+    """x-major linear index of integer coords in a `size`^3 block (sorting keys sorts coords x-major)."""
     return (coords[:, 0] * size + coords[:, 1]) * size + coords[:, 2]
+
+
+def _from_keys(keys: Tensor, size: int) -> Tensor:
+    return torch.stack([keys // (size * size), keys // size % size, keys % size], dim=1)
 
 
 def _corner_values(posed: PosedObject, coords: Tensor, resolution: int) -> Tensor:
@@ -117,8 +123,7 @@ def _corner_values(posed: PosedObject, coords: Tensor, resolution: int) -> Tenso
     on the cube's boundary count as outside, so the surface inside the grid is always closed."""
     corners = (coords[:, None, :] + CORNERS.to(coords.device)).reshape(-1, 3)
     unique, inverse = torch.unique(_keys(corners, resolution + 1), return_inverse=True)
-    size = resolution + 1
-    lattice = torch.stack([unique // (size * size), unique // size % size, unique % size], dim=1)
+    lattice = _from_keys(unique, resolution + 1)
     values = posed.sdf(lattice_points(lattice, resolution))
     on_boundary = ((lattice == 0) | (lattice == resolution)).any(dim=1)
     values = torch.where(on_boundary, values.abs().clamp(min=1e-6), values)
@@ -142,7 +147,7 @@ def _fdg_voxels(posed: PosedObject, resolution: int) -> Tensor:
         owner, axis = flags.nonzero(as_tuple=True)
         quads = (coords[owner][:, None, :] + offsets[axis]).reshape(-1, 3)
         quads = quads[((quads >= 0) & (quads < resolution)).all(dim=1)]
-        grown = torch.unique(torch.cat([members, quads]), dim=0)
+        grown = _from_keys(torch.unique(_keys(torch.cat([members, quads]), resolution)), resolution)
         if len(grown) == len(members):
             return members
         members, coords = grown, grown
@@ -187,7 +192,7 @@ def _quads(coords: Tensor, intersected: Tensor, resolution: int) -> Tensor:
     return torch.searchsorted(keys, _keys(corners.reshape(-1, 3), resolution)).reshape(-1, 4)
 
 
-def _fit_split_weights(posed: PosedObject, vertices: Tensor, quads: Tensor, steps: int = 200) -> Tensor:
+def _fit_split_weights(posed: PosedObject, vertices: Tensor, quads: Tensor, steps: int = 100) -> Tensor:
     """Per-voxel split weights whose products pick, per quad, the diagonal with its midpoint nearer the
     surface: a logistic fit of u = log w with `sign(u0 + u2 - u1 - u3)` as the label."""
     q = vertices[quads]
@@ -221,5 +226,5 @@ def shape_targets(posed: PosedObject, resolution: int) -> ShapeTargets:
 def reconstruct_mesh_from_targets(targets: ShapeTargets) -> tuple[Tensor, Tensor]:
     """Mesh `(vertices [V,3], faces [F,3])` of the targets through the product's own FDG mesher, so the
     targets are checked against exactly what the decoder output goes through."""
-    from ..mesh import flexible_dual_grid_to_mesh
-    return flexible_dual_grid_to_mesh(targets.coords, targets.decoder_logits(), targets.resolution)
+    return flexible_dual_grid_to_mesh(targets.coords, targets.offsets, targets.intersected, targets.split_weight,
+                                      targets.resolution)
