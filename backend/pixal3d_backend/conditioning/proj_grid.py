@@ -35,7 +35,7 @@ class ViewCamera:
     view's frame by `camera.rebase_view`) `distance` is not used.
     """
     fov: float
-    distance: float
+    distance: float | None = None
     mesh_scale: float = 1.0
     c2w: np.ndarray | None = None
 
@@ -43,7 +43,11 @@ class ViewCamera:
 def camera_to_world(camera) -> np.ndarray:
     """[4, 4] Blender camera-to-world of a `ViewCamera`-like object."""
     c2w = getattr(camera, "c2w", None)
-    return front_view_c2w(camera.distance) if c2w is None else np.asarray(c2w, dtype=np.float64)
+    if c2w is not None:
+        return np.asarray(c2w, dtype=np.float64)
+    if camera.distance is None:
+        raise ValueError("a camera needs a `distance` (front view) or a `c2w`")
+    return front_view_c2w(camera.distance)
 
 
 class Projection(NamedTuple):
@@ -89,7 +93,7 @@ def _c2w_batch(distance, c2w, batch: int, device) -> torch.Tensor:
         raise ValueError("give exactly one of `distance` (front view) or `c2w`")
     if c2w is None:
         c2w = np.stack([front_view_c2w(d) for d in _per_view(distance, batch, "cpu").tolist()])
-    c2w = torch.as_tensor(np.asarray(c2w) if not torch.is_tensor(c2w) else c2w, dtype=torch.float32,
+    c2w = torch.as_tensor(c2w if torch.is_tensor(c2w) else np.asarray(c2w), dtype=torch.float32,
                           device=device).reshape(-1, 4, 4)
     if c2w.shape[0] not in (1, batch):
         raise ValueError(f"expected 1 or {batch} camera matrices, got {c2w.shape[0]}")
@@ -143,8 +147,8 @@ def lift_features(fmap: torch.Tensor, coords: torch.Tensor, grid_resolution: int
     `image_size` is the side of the conditioning image the camera refers to (the map may be smaller, e.g. the
     S/16 patch map). Camera arguments are scalars or per-map sequences/tensors; see `project_voxels`.
     """
-    projection = project_voxels(coords, grid_resolution, image_size, fov, distance, mesh_scale, c2w,
-                                batch=fmap.shape[0])
+    projection = project_voxels(coords.to(fmap.device), grid_resolution, image_size, fov, distance, mesh_scale,
+                                c2w, batch=fmap.shape[0])
     return sample_features(fmap, projection, layout)
 
 
@@ -158,8 +162,8 @@ def lift_features_multiview(fmaps: torch.Tensor, coords: torch.Tensor, grid_reso
     §3.2). "visible": the mean over the views that see the voxel inside the image; voxels no view sees get 0.
     With one view "mean" is exactly single-view lifting.
     """
-    projection = project_voxels(coords, grid_resolution, image_size, fovs, None, mesh_scale, c2ws,
-                                batch=fmaps.shape[0])
+    projection = project_voxels(coords.to(fmaps.device), grid_resolution, image_size, fovs, None, mesh_scale,
+                                c2ws, batch=fmaps.shape[0])
     feats = sample_features(fmaps, projection, layout)                                      # [V, N, C]
     if weighting == "mean":
         return feats.mean(0)
