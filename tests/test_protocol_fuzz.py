@@ -24,7 +24,7 @@ VALID_MESSAGES = [protocol.encode(submit_request(), "r1"), protocol.encode(small
                   protocol.encode(protocol.JobStatus("b" * 32, protocol.JobState.RUNNING, 1.0,
                                                      progress=protocol.Progress("shape", 2, 12, 3.0)), "r4")]
 JSON_VALUES = st.recursive(
-    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=True, allow_infinity=True)
+    st.none() | st.booleans() | st.integers(-10**400, 10**400) | st.floats(allow_nan=True, allow_infinity=True)
     | st.text(max_size=20),
     lambda children: st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=12), children, max_size=5),
     max_leaves=12)

@@ -21,7 +21,7 @@ from pixal3d_backend import protocol
 from pixal3d_backend.camera import CropCamera
 from pixal3d_backend.client import BackendUnavailable, Busy, Client
 from pixal3d_backend.protocol import ErrorCode, JobState, JobStatus, Options, ProtocolError, Result, View
-from pixal3d_backend.server import Server, read_key, serve_main, write_keypair
+from pixal3d_backend.server import Server, keys_main, read_key, serve_main, write_keypair
 
 from test_protocol import BAD_INPUTS, camera_for, object_png, object_view
 
@@ -73,6 +73,15 @@ class SilhouetteGenerator:
                             "metallic_roughness": _png(Image.new("RGB", (size, size), (0, 200, 0)))},
                       glb_to_camera=crop.glb_to_camera(), metadata={"seed": request.options.seed,
                                                                     "opaque_cells": int(opaque.sum())})
+
+
+class NaNMeshGenerator(SilhouetteGenerator):
+    """A buggy pipeline: its mesh has a NaN vertex."""
+
+    def generate(self, request, on_progress, should_cancel) -> Result:
+        result = super().generate(request, on_progress, should_cancel)
+        result.positions[0, 0] = np.nan
+        return result
 
 
 def _png(image: Image.Image) -> bytes:
@@ -251,6 +260,15 @@ def test_out_of_memory_is_reported_with_advice_and_the_server_keeps_serving(serv
         assert isinstance(run_to_result(client, client.submit([object_view()], FAST)), Result)
 
 
+def test_an_invalid_generator_result_is_an_internal_error_not_a_broken_import(serve):
+    server = serve(NaNMeshGenerator())
+    with client_for(server) as client:
+        with pytest.raises(ProtocolError) as invalid:
+            run_to_result(client, client.submit([object_view()], FAST))
+        assert invalid.value.code is ErrorCode.INTERNAL and "invalid result" in invalid.value.message
+        assert client.hello().model_id == "test-silhouette"
+
+
 def test_finished_results_survive_a_server_restart(serve, tmp_path):
     first = serve()
     with client_for(first) as client:
@@ -299,6 +317,14 @@ def test_binding_beyond_loopback_needs_curve_keys(tmp_path):
     def must_not_load(args):
         raise AssertionError("the model must not be loaded before the bind is checked")
     assert serve_main(["--bind", "0.0.0.0", "--store-dir", str(tmp_path)], create_generator=must_not_load) == 2
+
+
+def test_keys_command_writes_a_keypair_once(tmp_path, capsys):
+    assert keys_main(["--dir", str(tmp_path)]) == 0
+    public = read_key(tmp_path / "server.public").decode()
+    assert public in capsys.readouterr().out
+    assert keys_main(["--dir", str(tmp_path)]) == 1        # never overwrites a key in use
+    assert read_key(tmp_path / "server.public").decode() == public
 
 
 def test_curve_server_refuses_clients_without_its_key_and_serves_those_with_it(serve, tmp_path):

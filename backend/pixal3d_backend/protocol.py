@@ -93,9 +93,8 @@ class JobState(str, enum.Enum):
     FAILED = "failed"
     CANCELLED = "cancelled"
 
-    @property
-    def finished(self) -> bool:
-        return self in (JobState.DONE, JobState.FAILED, JobState.CANCELLED)
+
+JOB_STATES = frozenset(state.value for state in JobState)
 
 
 class ProtocolError(Exception):
@@ -187,16 +186,22 @@ class _Fields:
             return None
         return _Fields(value, self.path(key), code or self.code)
 
+    def job_state(self, key: str = "state") -> JobState:
+        value = self.text(key, MAX_ID_CHARS)
+        if value not in JOB_STATES:
+            raise ProtocolError(self.code, f"{self.path(key)} {value!r} is not one of {sorted(JOB_STATES)}")
+        return JobState(value)
+
     def job_id(self, key: str = "job_id") -> str:
         value = self.text(key, MAX_ID_CHARS)
         if not JOB_ID_PATTERN.fullmatch(value):
             raise ProtocolError(self.code, f"{self.path(key)} must be the 32 hex digits returned by submit")
         return value
 
-    def done(self, unknown_code: ErrorCode | None = None) -> None:
+    def done(self) -> None:
         unknown = sorted(set(self.values) - self._read)
         if unknown:
-            raise ProtocolError(unknown_code or self.code, f"{self.where} has unknown field(s) {unknown}")
+            raise ProtocolError(self.code, f"{self.where} has unknown field(s) {unknown}")
 
 
 def _integer(value: Any, low: int, high: int, where: str, code: ErrorCode,
@@ -212,11 +217,15 @@ def _number(value: Any, low: float, high: float, where: str, code: ErrorCode,
             range_code: ErrorCode | None = None) -> float:
     if type(value) not in (int, float):
         raise ProtocolError(code, f"{where} must be a number")
-    if not math.isfinite(value):
-        raise ProtocolError(code, f"{where} is {value}; it must be a finite number")
-    if not low <= value <= high:
-        raise ProtocolError(range_code or code, f"{where} is {value}; it must be between {low} and {high}")
-    return float(value)
+    try:
+        number = float(value)
+    except OverflowError:            # a JSON integer beyond float range
+        number = math.inf
+    if not math.isfinite(number):
+        raise ProtocolError(code, f"{where} is {number}; it must be a finite number")
+    if not low <= number <= high:
+        raise ProtocolError(range_code or code, f"{where} is {number}; it must be between {low} and {high}")
+    return number
 
 
 def _matrix4(value: Any, where: str, code: ErrorCode) -> np.ndarray:
@@ -652,11 +661,8 @@ class JobStatus:
 
     @classmethod
     def _from_wire(cls, h: _Fields, blobs: _Blobs) -> "JobStatus":
-        state = h.text("state", MAX_ID_CHARS)
-        if state not in {s.value for s in JobState}:
-            raise ProtocolError(ErrorCode.BAD_REQUEST, f"{h.path('state')} {state!r} is not a job state")
         progress, error = h.child("progress", nullable=True), h.child("error", nullable=True)
-        status = cls(h.job_id(), JobState(state), h.number("submitted_at", 0.0),
+        status = cls(h.job_id(), h.job_state(), h.number("submitted_at", 0.0),
                      h.integer("queue_position", 0, 2**31, nullable=True),
                      None if progress is None else Progress._from_wire(progress),
                      None if error is None else ProtocolError._from_wire(error, blobs))
@@ -694,10 +700,7 @@ class Cancelled:
 
     @classmethod
     def _from_wire(cls, h: _Fields, blobs: _Blobs) -> "Cancelled":
-        state = h.text("state", MAX_ID_CHARS)
-        if state not in {s.value for s in JobState}:
-            raise ProtocolError(ErrorCode.BAD_REQUEST, f"{h.path('state')} {state!r} is not a job state")
-        return cls(h.job_id(), JobState(state))
+        return cls(h.job_id(), h.job_state())
 
 
 @dataclass
@@ -751,8 +754,9 @@ class Result:
             raise ProtocolError(ErrorCode.BAD_REQUEST, "header.metadata must be a JSON object")
         try:
             json.dumps(metadata, allow_nan=False)
-        except ValueError:
-            raise ProtocolError(ErrorCode.BAD_REQUEST, "header.metadata contains NaN or infinity") from None
+        except (ValueError, RecursionError):
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "header.metadata must be plain JSON without NaN, "
+                                                       "infinity or deep nesting") from None
         return cls(positions, faces, per_vertex["uvs"], per_vertex["normals"], maps,
                    _matrix4(h.raw("glb_to_camera"), h.path("glb_to_camera"), h.code), metadata, job_id)
 

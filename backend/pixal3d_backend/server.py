@@ -151,10 +151,12 @@ class Server:
             socket.close(linger=0)
 
     def _answer(self, frames: list[bytes]) -> list[bytes]:
-        request_id = protocol.peek_request_id(frames)
         try:
             request_id, message = protocol.decode(frames)
-            handler = self._handlers.get(type(message))
+        except ProtocolError as error:
+            return protocol.encode(error, protocol.peek_request_id(frames))
+        handler = self._handlers.get(type(message))
+        try:
             if handler is None:
                 raise ProtocolError(ErrorCode.BAD_REQUEST, f"'{message.TYPE}' is a reply; the backend answers "
                                                            f"{sorted(h.TYPE for h in self._handlers)}")
@@ -162,7 +164,7 @@ class Server:
         except ProtocolError as error:
             reply = error
         except Exception:        # a bug must cost one reply, never the server
-            log.exception("failed to answer a request")
+            log.exception("failed to answer a %s request", message.TYPE)
             reply = ProtocolError(ErrorCode.INTERNAL, "the backend failed to answer this request; its log has "
                                                       "the details")
         return protocol.encode(reply, request_id)
