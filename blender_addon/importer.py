@@ -111,13 +111,14 @@ def import_result(finished: worker.Finished, name: str, collection, camera_world
 
 
 def _id_property(value):
-    """ID properties hold ints, floats, strings, lists and dicts of them; anything else is stored as JSON."""
+    """ID properties hold ints, floats, strings and (nested) lists and dicts of them; None and anything else is
+    stored as JSON text."""
     if isinstance(value, (bool, np.bool_)):
         return int(value)
     if isinstance(value, (int, float, str)):
         return value
     if isinstance(value, dict):
         return {str(k): _id_property(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)) and all(isinstance(v, (int, float)) for v in value):
-        return list(value)
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, (int, float, str, dict)) for v in value):
+        return [_id_property(v) for v in value]
     return json.dumps(value, default=str)

@@ -198,7 +198,10 @@ def _report(level: set, message: str) -> None:
         print(f"Pixal3D: {message}")
         return
     with bpy.context.temp_override(window=windows[0]):
-        bpy.ops.pixal3d.report(level=next(iter(level)), message=message)
+        try:
+            bpy.ops.pixal3d.report(level=next(iter(level)), message=message)
+        except RuntimeError:
+            pass    # an ERROR report reaches the status bar and Info log and is also raised to Python callers
 
 
 # -- connection check (preferences and panel) -----------------------------------------------------------------

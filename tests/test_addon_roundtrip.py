@@ -1,0 +1,216 @@
+"""The add-on against a real backend over real ZeroMQ on 127.0.0.1: Generate from the active camera's render,
+the timer-driven worker, progress, import, material, provenance, undo, cancel, and a backend killed mid-job.
+
+The backend is `pixal3d_backend.server.Server` running `test_server.SilhouetteGenerator` (real protocol, real
+job queue; a flat textured mesh from the input's mask instead of the network), in this process or as a
+separate process. In the `bpy` module no event loop runs timers, so the tests call the add-on's timer
+callback `runtime.tick` themselves, as Blender would every 0.1 s.
+"""
+import time
+
+import numpy as np
+import pytest
+
+from blender_helpers import enable_addon, reset_scene
+
+bpy, addon = enable_addon()
+runtime = addon.runtime
+
+from pixal3d_backend.server import Server                                   # noqa: E402
+from test_server import SilhouetteGenerator, start_backend_process          # noqa: E402
+
+TICK_LIMIT_S = 0.05
+
+
+@pytest.fixture
+def scene(tmp_path):
+    reset_scene()
+    scene = bpy.context.scene
+    scene.render.resolution_x, scene.render.resolution_y, scene.render.resolution_percentage = 200, 150, 100
+    prefs = bpy.context.preferences.addons["pixal3d"].preferences
+    prefs.render_engine, prefs.timeout_s = "WORKBENCH", 2.0
+    settings = scene.pixal3d
+    settings.source, settings.texture_size, settings.ss_steps = "CAMERA", "512", 4
+    yield scene
+    runtime.shutdown()
+
+
+@pytest.fixture
+def server(tmp_path):
+    started = []
+
+    def start(step_s=0.0):
+        server = Server(SilhouetteGenerator(step_s=step_s), bind="tcp://127.0.0.1:*",
+                        store_dir=tmp_path / "store").start()
+        started.append(server)
+        bpy.context.preferences.addons["pixal3d"].preferences.address = server.address
+        return server
+
+    yield start
+    for s in started:
+        s.stop()
+
+
+def run_timer(timeout_s=30.0, on_tick=None):
+    """Calls the timer callback like Blender does until the job is over; returns the tick durations
+    measured while the job ran (the final tick, which imports the result, is returned separately)."""
+    ticks, deadline = [], time.monotonic() + timeout_s
+    while runtime.current is not None:
+        assert time.monotonic() < deadline, "the job never finished"
+        session = runtime.current
+        runtime.tick()
+        ticks.append(session.last_tick_s)
+        if on_tick is not None:
+            on_tick()
+        time.sleep(runtime.TICK_S / 5)
+    return ticks[:-1], ticks[-1]
+
+
+def render_settings(scene):
+    r = scene.render
+    return (r.engine, r.film_transparent, r.resolution_percentage, r.filepath, r.image_settings.file_format,
+            r.image_settings.color_mode, scene.camera.name)
+
+
+def test_generate_from_camera_imports_a_placed_textured_object(scene, server):
+    server(step_s=0.05)
+    scene.pixal3d.ss_steps = 10
+    before_settings = render_settings(scene)
+    before_objects = set(bpy.data.objects.keys())
+    camera = scene.camera
+    bpy.ops.ed.undo_push(message="before generate")
+
+    assert bpy.ops.pixal3d.generate() == {'FINISHED'}
+    assert render_settings(scene) == before_settings, "the camera render changed the user's render settings"
+    assert not bpy.ops.pixal3d.generate.poll(), "a second job must wait for the first"
+    stages = set()
+    running, last = run_timer(on_tick=lambda: stages.add(bpy.context.window_manager.pixal3d.stage))
+
+    status = bpy.context.window_manager.pixal3d
+    assert status.last_error == ""
+    assert "silhouette" in stages
+    assert max(running) < TICK_LIMIT_S, f"timer ticks took up to {max(running) * 1e3:.1f} ms while the job ran"
+    new = set(bpy.data.objects.keys()) - before_objects
+    assert len(new) == 1
+    obj = bpy.data.objects[new.pop()]
+    assert obj == bpy.context.view_layer.objects.active
+
+    # Placement: the silhouette mesh's centre (model origin) lies on the camera's optical axis, in front of it.
+    in_camera = camera.matrix_world.inverted() @ obj.matrix_world.translation
+    assert in_camera.z < 0 and abs(in_camera.x) < 1e-4 and abs(in_camera.y) < 1e-4
+
+    # Provenance.
+    info = obj["pixal3d"].to_dict()
+    assert info["source"] == "CAMERA" and info["cameras"] == [camera.name]
+    assert len(info["job_id"]) == 32 and info["model_id"] == "test-silhouette"
+    assert info["options"]["ss_steps"] == 10 and info["seed"] == info["options"]["seed"]
+    assert len(info["input_hashes"]) == 1 and len(info["input_hashes"][0]) == 64
+
+    check_material(obj.active_material, expect_alpha=True, expect_normal=False)
+
+    # Undo removes the imported object and nothing else.
+    bpy.ops.ed.undo()
+    assert set(bpy.data.objects.keys()) == before_objects
+
+
+def check_material(material, expect_alpha, expect_normal):
+    nodes = material.node_tree.nodes
+    bsdf = next(n for n in nodes if n.type == 'BSDF_PRINCIPLED')
+
+    def source(socket_name):
+        links = bsdf.inputs[socket_name].links
+        return (links[0].from_node, links[0].from_socket.name) if links else (None, None)
+
+    base, out = source("Base Color")
+    assert base.type == 'TEX_IMAGE' and out == "Color"
+    assert base.image.colorspace_settings.name == "sRGB" and base.image.packed_file is not None
+    alpha_node, alpha_out = source("Alpha")
+    if expect_alpha:
+        assert alpha_node == base and alpha_out == "Alpha"
+        assert material.surface_render_method == 'BLENDED'
+    else:
+        assert alpha_node is None
+    for socket_name, channel in (("Roughness", "Green"), ("Metallic", "Blue")):
+        split, out = source(socket_name)
+        assert split.type == 'SEPARATE_COLOR' and out == channel
+        mr = split.inputs["Color"].links[0].from_node
+        assert mr.type == 'TEX_IMAGE' and mr.image.colorspace_settings.is_data and mr.image.packed_file
+    normal_map, out = source("Normal")
+    if expect_normal:
+        assert normal_map.type == 'NORMAL_MAP' and out == "Normal"
+        tex = normal_map.inputs["Color"].links[0].from_node
+        assert tex.type == 'TEX_IMAGE' and tex.image.colorspace_settings.is_data
+    else:
+        assert normal_map is None
+
+
+def test_material_opaque_with_normal_map():
+    def png(rgba):
+        return addon.imaging.encode_png_rgba(np.tile(np.uint8(rgba), (64, 64, 1)))
+
+    maps = {"base_color": png([200, 120, 40, 255]), "metallic_roughness": png([0, 128, 255, 255]),
+            "normal": png([128, 128, 255, 255])}
+    material = addon.importer.build_material("opaque", maps)
+    check_material(material, expect_alpha=False, expect_normal=True)
+
+
+def test_cancel_mid_job_keeps_the_scene(scene, server):
+    server(step_s=0.1)
+    scene.pixal3d.ss_steps = 100
+    before = set(bpy.data.objects.keys())
+    bpy.ops.pixal3d.generate()
+
+    def cancel_once_running():
+        status = bpy.context.window_manager.pixal3d
+        if status.step >= 2 and not status.cancelling and runtime.current is not None:
+            bpy.ops.pixal3d.cancel()
+
+    started = time.monotonic()
+    run_timer(on_tick=cancel_once_running)
+    assert time.monotonic() - started < 5.0
+    status = bpy.context.window_manager.pixal3d
+    assert status.message == "Cancelled" and status.last_error == "" and not status.running
+    assert set(bpy.data.objects.keys()) == before
+
+
+def test_backend_killed_mid_job_is_reported_and_a_restarted_backend_serves(scene, tmp_path):
+    process, address = start_backend_process(tmp_path / "store")
+    prefs = bpy.context.preferences.addons["pixal3d"].preferences
+    prefs.address = address
+    scene.pixal3d.ss_steps = 100           # 10 s at the subprocess's 0.1 s per step
+    before = set(bpy.data.objects.keys())
+    try:
+        bpy.ops.pixal3d.generate()
+        killed = []
+
+        def kill_once_running():
+            if bpy.context.window_manager.pixal3d.step >= 1 and not killed:
+                process.kill()
+                process.wait()
+                killed.append(time.monotonic())
+
+        run_timer(on_tick=kill_once_running)
+        detected = time.monotonic() - killed[0]
+        status = bpy.context.window_manager.pixal3d
+        assert detected < 5.0, f"a dead backend was noticed after {detected:.1f} s"
+        assert "Cannot reach the Pixal3D backend" in status.last_error and "pixal3d serve" in status.last_error
+        assert not status.running and set(bpy.data.objects.keys()) == before
+
+        port = int(address.rsplit(":", 1)[1])
+        process, address = start_backend_process(tmp_path / "store", port=port)
+        scene.pixal3d.ss_steps = 3
+        assert bpy.ops.pixal3d.generate() == {'FINISHED'}
+        run_timer()
+        assert bpy.context.window_manager.pixal3d.last_error == ""
+        assert len(set(bpy.data.objects.keys()) - before) == 1
+    finally:
+        process.kill()
+        process.wait()
+
+
+def test_unreachable_backend_is_reported_in_words(scene):
+    bpy.context.preferences.addons["pixal3d"].preferences.address = "tcp://127.0.0.1:9"
+    bpy.ops.pixal3d.generate()
+    run_timer()
+    error = bpy.context.window_manager.pixal3d.last_error
+    assert "no answer from the Pixal3D backend at tcp://127.0.0.1:9" in error
