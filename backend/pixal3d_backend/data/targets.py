@@ -97,7 +97,8 @@ class ShapeTargets:
         `offset = 2 sigmoid(h) - 0.5`, `intersected = h > 0`, `split_w = softplus(h)` (spec §4.3)."""
         offset_logit = torch.logit((self.offsets + 0.5) / 2.0)
         flag_logit = self.intersected.float() * 2.0 - 1.0
-        split_logit = torch.log(torch.expm1(self.split_weight.clamp(min=1e-4)))
+        w = self.split_weight.clamp(min=1e-4)
+        split_logit = w + torch.log(-torch.expm1(-w))           # softplus^-1, stable for large w
         return torch.cat([offset_logit, flag_logit, split_logit[:, None]], dim=1)
 
 
