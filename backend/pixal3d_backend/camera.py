@@ -86,17 +86,18 @@ class Intrinsics:
     def shift(self) -> tuple[float, float]:
         """Principal-point offset as a Blender AUTO-fit shift (units of max(width, height), y up)."""
         m = float(max(self.width, self.height))
-        return (self.width / 2.0 - self.cx) / -m, (self.cy - self.height / 2.0) / -m
+        return (self.width / 2.0 - self.cx) / m, (self.cy - self.height / 2.0) / m
 
     @staticmethod
     def from_hfov(width: int, height: int, hfov: float, shift_x: float = 0.0, shift_y: float = 0.0) -> "Intrinsics":
         """The wire format's camera: horizontal FOV over `width` and a shift in units of max(width, height)
-        (Blender's AUTO sensor fit convention; +shift_x moves the image window right, +shift_y up)."""
+        (Blender's AUTO sensor fit convention: +shift_x moves the image window right, +shift_y up, so the
+        principal point sits at (W/2 - shift_x m, H/2 + shift_y m) in pixels, y down)."""
         if not (0.0 < hfov < math.pi):
             raise ValueError(f"horizontal FOV must be in (0, pi) radians, got {hfov}")
         m = float(max(width, height))
         return Intrinsics(width, height, focal_pixels(hfov, width),
-                          width / 2.0 + shift_x * m, height / 2.0 - shift_y * m)
+                          width / 2.0 - shift_x * m, height / 2.0 + shift_y * m)
 
 
 def blender_intrinsics(lens: float, sensor_width: float, sensor_height: float, sensor_fit: str,
@@ -117,7 +118,8 @@ def blender_intrinsics(lens: float, sensor_width: float, sensor_height: float, s
     else:
         raise ValueError(f"unknown sensor fit {sensor_fit!r}")
     focal = lens / sensor * fitted
-    return Intrinsics(res_x, res_y, focal, res_x / 2.0 + shift_x * fitted, res_y / 2.0 - shift_y * fitted)
+    # A positive shift moves the image window right/up, so the optical axis lands left of/below the centre.
+    return Intrinsics(res_x, res_y, focal, res_x / 2.0 - shift_x * fitted, res_y / 2.0 + shift_y * fitted)
 
 
 # ---------------------------------------------------------------------------------------------------------
