@@ -1,0 +1,259 @@
+"""The Pixal3D cascade: one RGBA image (or several posed views) -> decoded mesh + PBR voxel attributes.
+
+Stages (spec §1.2), each a method so it can be run, timed and tested on its own:
+
+    sparse structure   SS flow on a dense 16^3 latent -> SS decoder -> occupied 32^3 coords
+    shape LR           shape flow 512 on the 32^3 tokens -> de-normalised LR shape latent
+    upsample           shape decoder's subdivision x4 -> 512^3 coords -> HR grid G (token cap)
+    shape HR           shape flow 1024 on the G^3 tokens -> de-normalised shape latent
+    texture            texture flow on [noise | normalised shape latent] -> de-normalised texture latent
+    decode             shape decoder -> flexible-dual-grid mesh; texture decoder -> PBR voxel attributes
+
+Every flow is conditioned on image features lifted into its own voxel grid (pixel-aligned conditioning).
+Features are lifted only at the active voxels, never into a dense G^3 buffer.
+
+Numerics follow the official code exactly (parity fixture `pipeline_e2e`): the noise of the four sampled stages is
+drawn in order from a CPU generator seeded with `seed`, then moved to the device.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from PIL import Image
+
+from .conditioning.image_encoder import DinoV3ProjFeatureExtractor
+from .conditioning.preprocess import preprocess_image
+from .conditioning.proj_grid import ViewCamera
+from .mesh import VoxelMesh
+from .models.ss_decoder import occupancy_to_coords
+from .sampler import FlowEulerGuidanceIntervalSampler
+from .sparse import SparseTensor
+
+FLOW_KEYS = ("sparse_structure_flow_model", "shape_slat_flow_model_512", "shape_slat_flow_model_1024",
+             "tex_slat_flow_model_1024")
+DECODER_KEYS = ("sparse_structure_decoder", "shape_slat_decoder", "tex_slat_decoder")
+ENCODER_KEYS = ("image_cond_model_ss", "image_cond_model_shape_512", "image_cond_model_shape_1024",
+                "image_cond_model_tex_1024")
+SAMPLER_KEYS = {"sparse_structure": "sparse_structure_sampler", "shape": "shape_slat_sampler",
+                "texture": "tex_slat_sampler"}
+
+SS_RESOLUTION = 32          # occupancy grid of the sparse structure (hard-coded for both cascades, §1.2)
+LR_GRID = 512               # resolution of the coords after the decoder's x4 upsampling of the 32^3 LR latent
+MAX_NUM_TOKENS = 49152      # official token cap of the HR stage
+CASCADES = (1024, 1536)
+
+
+@dataclass
+class Normalization:
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    @staticmethod
+    def from_json(d: dict) -> "Normalization":
+        return Normalization(torch.tensor(d["mean"], dtype=torch.float32), torch.tensor(d["std"], dtype=torch.float32))
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean.to(x.device)) / self.std.to(x.device)
+
+    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.std.to(x.device) + self.mean.to(x.device)
+
+
+@dataclass
+class PipelineOutput:
+    mesh: VoxelMesh                      # model frame, before hole filling (the exporter fills holes)
+    shape_slat: SparseTensor
+    tex_slat: SparseTensor
+    resolution: int                      # 16 * G, the decoded voxel resolution
+    timings: dict[str, float] = field(default_factory=dict)
+    tokens: dict[str, int] = field(default_factory=dict)
+
+
+def hr_grid_coords(upsampled: torch.Tensor, resolution: int, max_num_tokens: int = MAX_NUM_TOKENS
+                   ) -> tuple[torch.Tensor, int]:
+    """Quantises the decoder's 512^3 coords to the HR latent grid G = res // 16 with the official rule
+    `round((c + 0.5) / 512 * (G - 1))` + unique; if there are too many tokens the resolution drops by 128 until
+    it fits or reaches 1024 (spec §1.6). Returns (coords [N_hr, 4] int32, resolution)."""
+    res = resolution
+    while True:
+        g = res // 16
+        xyz = ((upsampled[:, 1:].float() + 0.5) / LR_GRID * (g - 1)).round().int()
+        coords = torch.cat([upsampled[:, :1].int(), xyz], 1).unique(dim=0)
+        if coords.shape[0] < max_num_tokens or res == 1024:
+            return coords, res
+        res -= 128
+
+
+class Pixal3DPipeline:
+    def __init__(self, models: dict[str, torch.nn.Module], encoders: dict[str, DinoV3ProjFeatureExtractor],
+                 sampler_settings: dict[str, dict], shape_norm: Normalization, tex_norm: Normalization,
+                 sigma_min: float = 1e-5, device: str | torch.device = "cpu", low_vram: bool = False):
+        missing = [k for k in FLOW_KEYS + DECODER_KEYS if k not in models] + \
+                  [k for k in ENCODER_KEYS if k not in encoders]
+        if missing:
+            raise ValueError(f"pipeline is missing models: {missing}")
+        self.models = models
+        self.encoders = encoders
+        self.sampler = FlowEulerGuidanceIntervalSampler(sigma_min=sigma_min)
+        self.sampler_settings = sampler_settings        # {"sparse_structure"|"shape"|"texture": params}
+        self.shape_norm = shape_norm
+        self.tex_norm = tex_norm
+        self.device = torch.device(device)
+        self.low_vram = low_vram
+        if not low_vram:
+            for m in list(models.values()) + list(encoders.values()):
+                m.to(self.device)
+
+    # -- device placement ---------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _on_device(self, *modules: torch.nn.Module):
+        """In low-VRAM mode a model lives on the CPU and visits the GPU only for its stage."""
+        if not self.low_vram:
+            yield
+            return
+        for m in modules:
+            m.to(self.device)
+        try:
+            yield
+        finally:
+            for m in modules:
+                m.to("cpu")
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    # -- conditioning -----------------------------------------------------------------------------------
+    def _condition(self, key: str, image: Image.Image, camera: ViewCamera, coords: torch.Tensor,
+                   grid_resolution: int, cache: dict) -> tuple[dict, dict]:
+        """Conditions of one stage at the given voxel coords: (cond, neg_cond); the negative condition is zeros for
+        both the global tokens and the lifted features (official CFG)."""
+        enc = self.encoders[key]
+        with self._on_device(enc):
+            encoded = enc.encode([image], cache)
+            lifted = enc.lift(encoded, coords[:, 1:], grid_resolution, camera)
+        glob = encoded.global_tokens
+        cond = {"global": glob, "proj": lifted}
+        neg = {"global": torch.zeros_like(glob), "proj": torch.zeros_like(lifted)}
+        return cond, neg
+
+    def _sample(self, stage: str, model: torch.nn.Module, noise, cond, neg, overrides: dict, progress, cancel,
+                **kwargs):
+        params = {**self.sampler_settings[stage], **overrides.get(stage, {})}
+        with self._on_device(model):
+            return self.sampler.sample(
+                model, noise, cond=cond, neg_cond=neg, **params, **kwargs,
+                on_step=(lambda i, n: progress(stage, i, n)) if progress else None,
+                should_cancel=cancel).samples
+
+    # -- stages -----------------------------------------------------------------------------------------
+    def sample_sparse_structure(self, image, camera, gen, overrides, progress, cancel, cache, trace):
+        flow = self.models["sparse_structure_flow_model"]
+        r = flow.resolution
+        grid = torch.stack(torch.meshgrid(*[torch.arange(r)] * 3, indexing="ij"), -1).reshape(-1, 3)
+        coords = torch.cat([torch.zeros(grid.shape[0], 1, dtype=torch.int32), grid.int()], 1).to(self.device)
+        cond, neg = self._condition("image_cond_model_ss", image, camera, coords, r, cache)
+        cond["proj"], neg["proj"] = cond["proj"][None], neg["proj"][None]   # dense tokens, order ix*r*r+iy*r+iz
+        noise = torch.randn(1, flow.in_channels, r, r, r, generator=gen).to(self.device)
+        z = self._sample("sparse_structure", flow, noise, cond, neg, overrides, progress, cancel)
+        decoder = self.models["sparse_structure_decoder"]
+        with self._on_device(decoder):
+            coords = occupancy_to_coords(decoder(z), SS_RESOLUTION)
+        trace.update(ss_noise=noise, ss_samples=z, cond_ss_global=cond["global"], cond_ss_proj=cond["proj"])
+        return coords
+
+    def sample_shape_lr(self, image, camera, coords, gen, overrides, progress, cancel, cache, trace):
+        flow = self.models["shape_slat_flow_model_512"]
+        cond, neg = self._condition("image_cond_model_shape_512", image, camera, coords, SS_RESOLUTION, cache)
+        noise = SparseTensor(torch.randn(coords.shape[0], flow.out_channels, generator=gen).to(self.device), coords)
+        cond["proj"], neg["proj"] = noise.replace(cond["proj"]), noise.replace(neg["proj"])
+        z = self._sample("shape", flow, noise, cond, neg, overrides, progress, cancel)
+        trace.update(shape_lr_coords=coords, shape_lr_noise=noise.feats, shape_lr_samples=z.feats,
+                     cond_shape_lr_global=cond["global"], cond_shape_lr_proj=cond["proj"].feats)
+        return z.replace(self.shape_norm.denormalize(z.feats))
+
+    def upsample_to_hr(self, slat_lr, resolution, max_num_tokens, trace):
+        decoder = self.models["shape_slat_decoder"]
+        with self._on_device(decoder):
+            upsampled = decoder.upsample(slat_lr, upsample_times=4)
+        coords, res = hr_grid_coords(upsampled, resolution, max_num_tokens)
+        trace.update(lr_upsample_coords=upsampled)
+        return coords, res
+
+    def sample_shape_hr(self, image, camera, coords, res, gen, overrides, progress, cancel, cache, trace):
+        flow = self.models["shape_slat_flow_model_1024"]
+        cond, neg = self._condition("image_cond_model_shape_1024", image, camera, coords, res // 16, cache)
+        noise = SparseTensor(torch.randn(coords.shape[0], flow.out_channels, generator=gen).to(self.device), coords)
+        cond["proj"], neg["proj"] = noise.replace(cond["proj"]), noise.replace(neg["proj"])
+        z = self._sample("shape", flow, noise, cond, neg, overrides, progress, cancel)
+        trace.update(shape_hr_coords=coords, shape_hr_noise=noise.feats, shape_hr_samples=z.feats,
+                     cond_shape_hr_global=cond["global"], cond_shape_hr_proj=cond["proj"].feats)
+        return z.replace(self.shape_norm.denormalize(z.feats))
+
+    def sample_texture(self, image, camera, shape_slat, res, gen, overrides, progress, cancel, cache, trace):
+        flow = self.models["tex_slat_flow_model_1024"]
+        coords = shape_slat.coords
+        cond, neg = self._condition("image_cond_model_tex_1024", image, camera, coords, res // 16, cache)
+        noise = shape_slat.replace(torch.randn(coords.shape[0], flow.out_channels, generator=gen).to(self.device))
+        cond["proj"], neg["proj"] = noise.replace(cond["proj"]), noise.replace(neg["proj"])
+        concat = shape_slat.replace(self.shape_norm.normalize(shape_slat.feats))
+        z = self._sample("texture", flow, noise, cond, neg, overrides, progress, cancel, concat_cond=concat)
+        trace.update(tex_coords=coords, tex_noise=noise.feats, tex_samples=z.feats,
+                     cond_tex_global=cond["global"], cond_tex_proj=cond["proj"].feats)
+        return z.replace(self.tex_norm.denormalize(z.feats))
+
+    def decode(self, shape_slat, tex_slat, res) -> VoxelMesh:
+        shape_dec, tex_dec = self.models["shape_slat_decoder"], self.models["tex_slat_decoder"]
+        with self._on_device(shape_dec):
+            shape_dec.set_resolution(res)
+            (mesh,), subs = shape_dec(shape_slat, return_subs=True)
+        with self._on_device(tex_dec):
+            mesh.attrs = tex_dec(tex_slat, guide_subs=subs).feats * 0.5 + 0.5   # same voxels, same order
+        return mesh
+
+    # -- the whole cascade ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def run(self, image: Image.Image, camera: ViewCamera, seed: int = 42, resolution: int = 1024,
+            max_num_tokens: int = MAX_NUM_TOKENS, sampler_overrides: dict | None = None,
+            preprocess: bool = True, progress: Callable[[str, int, int], None] | None = None,
+            should_cancel: Callable[[], bool] | None = None, trace: dict | None = None) -> PipelineOutput:
+        """`image` is RGBA with the object's alpha; with `preprocess` it is cropped as the official code does (the
+        caller derives `camera` from the crop: `conditioning.preprocess.crop_geometry` and
+        `camera.CropCamera`)."""
+        if resolution not in CASCADES:
+            raise ValueError(f"resolution must be one of {CASCADES}, got {resolution}")
+        overrides = sampler_overrides or {}
+        unknown = set(overrides) - set(self.sampler_settings)
+        if unknown:
+            raise ValueError(f"unknown sampler stages {sorted(unknown)}; stages are {sorted(self.sampler_settings)}")
+        trace = {} if trace is None else trace
+        if preprocess:
+            image = preprocess_image(image)
+        gen = torch.Generator().manual_seed(int(seed))
+        cache: dict = {}
+        timings: dict[str, float] = {}
+
+        def timed(name, fn, *args):
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            t0 = time.perf_counter()
+            out = fn(*args)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            timings[name] = time.perf_counter() - t0
+            return out
+
+        common = (gen, overrides, progress, should_cancel, cache, trace)
+        coords32 = timed("sparse_structure", self.sample_sparse_structure, image, camera, *common)
+        slat_lr = timed("shape_lr", self.sample_shape_lr, image, camera, coords32, *common)
+        coords_hr, res = timed("upsample", self.upsample_to_hr, slat_lr, resolution, max_num_tokens, trace)
+        shape_slat = timed("shape_hr", self.sample_shape_hr, image, camera, coords_hr, res, *common)
+        tex_slat = timed("texture", self.sample_texture, image, camera, shape_slat, res, *common)
+        if progress:
+            progress("decode", 0, 1)
+        mesh = timed("decode", self.decode, shape_slat, tex_slat, res)
+        tokens = {"ss": int(coords32.shape[0]), "hr": int(coords_hr.shape[0]), "voxels": int(mesh.coords.shape[0])}
+        return PipelineOutput(mesh=mesh, shape_slat=shape_slat, tex_slat=tex_slat, resolution=res,
+                              timings=timings, tokens=tokens)
