@@ -105,6 +105,10 @@ def _backend(device: torch.device) -> str:
     return "torch"
 
 
+# (in, out, device type) -> a meta-device spconv module, used only for its algorithm configuration
+_SPCONV_CONFIGS: dict = {}
+
+
 class SubMConv3d(nn.Module):
     """Submanifold 3x3x3 conv; parameters `weight` [Co, 3, 3, 3, Ci] and `bias` [Co] (official key layout)."""
 
@@ -164,7 +168,3 @@ class SubMConv3d(nn.Module):
         x.cache["spconv_indices"].update(sp_out.indice_dict)     # the subm pairs, reused by later layers
         out = sp_out.features
         return out if self.bias is None else out + self.bias
-
-
-# (in, out, device type) -> a meta-device spconv module used only for its configuration
-_SPCONV_CONFIGS: dict = {}
