@@ -56,6 +56,7 @@ class DinoV3ProjFeatureExtractor(torch.nn.Module):
         self.use_naf_upsample = use_naf_upsample
         self.naf_target_size = naf_target_size
         self.model = self._build_dinov3(model_name, dinov3_config, dinov3_path)
+        self._register_load_state_dict_pre_hook(self._official_layer_keys)
         self.naf_model = NAF() if use_naf_upsample else None
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN)[:, None, None], persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD)[:, None, None], persistent=False)
@@ -71,14 +72,26 @@ class DinoV3ProjFeatureExtractor(torch.nn.Module):
                 "(config.json + model.safetensors); this backend never downloads models on its own")
         return DINOv3ViTModel.from_pretrained(path, local_files_only=True)
 
+    @property
+    def dinov3_layers(self) -> torch.nn.ModuleList:
+        """The transformer blocks: `model.layer` in transformers 4.x, `model.model.layer` in 5.x."""
+        return self.model.layer if hasattr(self.model, "layer") else self.model.model.layer
+
+    def _official_layer_keys(self, state_dict, prefix, *args):
+        """Official checkpoints and fixtures name the blocks `model.layer.*` (transformers 4.x); map them onto
+        the 5.x module tree when that is what is installed."""
+        if hasattr(self.model, "layer"):
+            return
+        old = prefix + "model.layer."
+        for key in [k for k in state_dict if k.startswith(old)]:
+            state_dict[prefix + "model.model.layer." + key[len(old):]] = state_dict.pop(key)
+
     # -----------------------------------------------------------------------------------------------------
     # encoding
     # -----------------------------------------------------------------------------------------------------
 
     def image_tensor(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """PIL images -> [B, 3, S, S] float in [0, 1] (LANCZOS resize to S, then RGB)."""
-        if isinstance(images, Image.Image):
-            images = [images]
         size = (self.image_size, self.image_size)
         arrays = [np.asarray(im.resize(size, Image.Resampling.LANCZOS).convert("RGB"), dtype=np.float32) / 255
                   for im in images]
@@ -90,7 +103,7 @@ class DinoV3ProjFeatureExtractor(torch.nn.Module):
         pixels = ((image01 - self.mean) / self.std).to(self.model.embeddings.patch_embeddings.weight.dtype)
         hidden = self.model.embeddings(pixels, bool_masked_pos=None)
         position = self.model.rope_embeddings(pixels)
-        for layer in self.model.layer:
+        for layer in self.dinov3_layers:
             hidden = layer(hidden, position_embeddings=position)
         return F.layer_norm(hidden, hidden.shape[-1:])
 
