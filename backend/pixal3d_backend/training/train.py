@@ -1,0 +1,232 @@
+"""Train the default model, stage by stage, within a wall-clock budget; resumable and bit-exact on resume.
+
+    python -m pixal3d_backend.training.train --stage all --minutes 25 --out runs/default
+    python -m pixal3d_backend.training.train --stage ss_vae shape_vae tex_vae --minutes 8.5 --out DIR --resume
+
+`--minutes` is this invocation's budget, shared by the listed stages in proportion to `configs.PLAN_MINUTES`
+(the documented 25-minute H200 split). Per stage, `DIR/<stage>/` holds:
+
+    state.pt              everything needed to continue (weights, EMA, AdamW, step, pool size); atomic writes
+    weights.safetensors   the EMA weights of the stage's networks (what later stages and the export read),
+                          with the latent normalisation of the shape/texture VAEs in its metadata
+    log.jsonl             one JSON object per line: pool generation, losses every `log_every` steps, checkpoints
+
+A stage first generates a pool of views (up to `POOL_FRACTION` of its budget), then trains on random
+minibatches of it: AdamW, linear warm-up, gradient clipping, EMA, bf16 autocast on CUDA. Step k draws its
+minibatch, noise, timesteps and dropout from a CPU generator seeded by (seed, k), so a resumed run continues
+bit-identically (on one device type). Checkpoints are written every `--checkpoint-minutes` and at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from . import configs
+from .batches import ViewGenerator, Views, generate_pool, shape_inputs, texture_inputs
+from .stages import DEPENDS, LEARNING_RATE, STAGE_CLASSES, VIEWS_PER_STEP, build, trained_keys
+
+POOL_FRACTION = 0.3          # at most this share of a stage's first run generates its pool
+OBJECTS_PER_GENERATOR_BATCH = 4
+WARMUP_STEPS = 200
+EMA_DECAY = 0.999
+GRAD_CLIP = 1.0
+
+
+class EMA:
+    """Exponential moving average of parameters, decay min(EMA_DECAY, (1 + n) / (10 + n)) at update n."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.params = {k: p.detach().clone().float() for k, p in module.named_parameters()}
+
+    def update(self, module: torch.nn.Module, step: int) -> None:
+        decay = min(EMA_DECAY, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for k, p in module.named_parameters():
+                self.params[k].lerp_(p.detach().float(), 1 - decay)
+
+    def state_dict(self, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """The module's state_dict with the averaged parameters in place of the live ones."""
+        return {k: self.params.get(k, v) for k, v in module.state_dict().items()}
+
+
+def atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, json.loads((f.metadata() or {}).get("pixal3d", "{}"))
+
+
+def prefixed(tensors: dict[str, torch.Tensor], key: str) -> dict[str, torch.Tensor]:
+    """The entries `<key>.<name>` of a stage's weights as a state_dict of network `key`."""
+    return {k[len(key) + 1:]: v for k, v in tensors.items() if k.startswith(key + ".")}
+
+
+def load_networks(out: Path, stage: str, keys, device, overrides=None) -> tuple[dict, dict]:
+    """Networks `keys` of a finished stage, with its EMA weights (strict), and the stage's metadata."""
+    tensors, meta = load_weights(out / stage / "weights.safetensors")
+    nets = {}
+    for key in keys:
+        net = build(key, overrides)
+        net.load_state_dict(prefixed(tensors, key))
+        nets[key] = net.to(device).eval().requires_grad_(False)
+    return nets, meta
+
+
+def dependencies(out: Path, stage: str, device, overrides=None) -> tuple[dict, dict]:
+    """Frozen encoders and latent normalisation a flow stage needs from the VAE stages."""
+    frozen, normalization = {}, {}
+    for dep in DEPENDS[stage]:
+        nets, meta = load_networks(out, dep, [trained_keys(dep)[0]], device, overrides)
+        frozen.update(nets)
+        normalization.update(meta.get("normalization", {}))
+    return frozen, normalization
+
+
+@torch.no_grad()
+def latent_statistics(encoder, pool: Views, inputs, chunk: int = 8) -> dict:
+    """Per-channel mean and std of the posterior means over the pool (pipeline.json's normalisation)."""
+    feats = torch.cat([encoder(inputs(pool.select(torch.arange(i, min(i + chunk, len(pool))))))[0].feats.float()
+                       for i in range(0, len(pool), chunk)])
+    return {"mean": feats.mean(0).tolist(), "std": feats.std(0).tolist()}
+
+
+class Trainer:
+    def __init__(self, stage: str, out: Path, device: str, seed: int = 0, workers: int = 0,
+                 overrides: dict | None = None, log_every: int = 25, checkpoint_minutes: float = 3.0):
+        self.name, self.dir, self.device = stage, out / stage, torch.device(device)
+        self.seed, self.workers, self.log_every = seed, workers, log_every
+        self.checkpoint_seconds = 60 * checkpoint_minutes
+        self.dir.mkdir(parents=True, exist_ok=True)
+        frozen, normalization = dependencies(out, stage, self.device, overrides)
+        torch.manual_seed(seed)                                   # initial weights
+        self.stage = STAGE_CLASSES[stage](stage, frozen, normalization, overrides)
+        self.models = self.stage.models.to(self.device)
+        self.optimizer = torch.optim.AdamW(self.models.parameters(), lr=LEARNING_RATE[stage], betas=(0.9, 0.99),
+                                           weight_decay=0.01)
+        self.ema = EMA(self.models)
+        self.step, self.seconds, self.pool_batches = 0, 0.0, None
+        self.overrides, self.normalization = overrides, {}
+
+    # -- state ------------------------------------------------------------------------------------------
+    def save(self) -> None:
+        state = {"step": self.step, "seconds": self.seconds, "pool_batches": self.pool_batches,
+                 "models": self.models.state_dict(), "ema": self.ema.params, "optimizer": self.optimizer.state_dict()}
+        atomic_write(self.dir / "state.pt", lambda p: torch.save(state, p))
+        weights = {k: v.detach().cpu().contiguous() for k, v in self.ema.state_dict(self.models).items()}
+        meta = {"stage": self.name, "step": self.step, "seconds": self.seconds,
+                "normalization": self.normalization}
+        atomic_write(self.dir / "weights.safetensors",
+                     lambda p: save_file(weights, str(p), metadata={"pixal3d": json.dumps(meta)}))
+
+    def load(self) -> None:
+        state = torch.load(self.dir / "state.pt", map_location=self.device, weights_only=True)
+        self.models.load_state_dict(state["models"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.ema.params = state["ema"]
+        self.step, self.seconds, self.pool_batches = state["step"], state["seconds"], state["pool_batches"]
+
+    def log(self, record: dict) -> None:
+        with open(self.dir / "log.jsonl", "a") as f:
+            f.write(json.dumps({"stage": self.name, **record}) + "\n")
+
+    # -- training ---------------------------------------------------------------------------------------
+    def build_pool(self, budget_seconds: float, max_batches: int) -> Views:
+        t0 = time.monotonic()
+        generator = ViewGenerator(OBJECTS_PER_GENERATOR_BATCH, str(self.device), self.stage.needs_images)
+        deadline = None if self.pool_batches else t0 + POOL_FRACTION * budget_seconds
+        pool, self.pool_batches = generate_pool(generator, self.pool_batches or max_batches, self.workers,
+                                                lambda v: self.stage.prepare(v.to(self.device)), deadline)
+        self.log({"event": "pool", "views": len(pool), "batches": self.pool_batches,
+                  "seconds": round(time.monotonic() - t0, 1)})
+        return pool
+
+    def train_step(self, pool: Views) -> dict[str, float]:
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.step)
+        batch = pool.select(torch.randperm(len(pool), generator=gen)[:VIEWS_PER_STEP[self.name]])
+        lr = LEARNING_RATE[self.name] * min(1.0, (self.step + 1) / WARMUP_STEPS)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            terms = self.stage.losses(batch, gen)
+        self.optimizer.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.models.parameters(), GRAD_CLIP)
+        self.optimizer.step()
+        self.ema.update(self.models, self.step)
+        self.step += 1
+        return {**{k: v.item() for k, v in terms.items()}, "grad_norm": float(grad_norm), "lr": lr}
+
+    def run(self, minutes: float, resume: bool, max_steps: int | None = None, max_pool_batches: int = 10_000) -> None:
+        """Trains for `minutes` of wall clock (pool generation included) or until step `max_steps`."""
+        start = time.monotonic()
+        if resume and (self.dir / "state.pt").is_file():
+            self.load()
+        pool = self.build_pool(60 * minutes, max_pool_batches)
+        self.models.train()
+        last_checkpoint, window = time.monotonic(), []
+        while time.monotonic() - start < 60 * minutes and (max_steps is None or self.step < max_steps):
+            t = time.monotonic()
+            window.append(self.train_step(pool))
+            self.seconds += time.monotonic() - t
+            if not math.isfinite(window[-1]["loss"]):
+                raise FloatingPointError(f"{self.name}: loss is {window[-1]['loss']} at step {self.step}")
+            if self.step % self.log_every == 0:
+                self.log({"step": self.step, "seconds": round(self.seconds, 1),
+                          **{k: sum(w[k] for w in window) / len(window) for k in window[0]}})
+                window = []
+            if time.monotonic() - last_checkpoint > self.checkpoint_seconds:
+                self.save()
+                last_checkpoint = time.monotonic()
+        self.finish(pool)
+
+    def finish(self, pool: Views) -> None:
+        """Latent normalisation of the shape/texture VAEs (EMA encoder over the pool), then the final checkpoint."""
+        if self.name in ("shape_vae", "tex_vae"):
+            key = trained_keys(self.name)[0]
+            encoder = build(key, self.overrides).to(self.device).eval()
+            encoder.load_state_dict(prefixed(self.ema.state_dict(self.models), key))
+            inputs = shape_inputs if self.name == "shape_vae" else texture_inputs
+            self.normalization = {self.name.split("_")[0]: latent_statistics(encoder, pool, inputs)}
+        self.save()
+        self.log({"event": "checkpoint", "step": self.step, "seconds": round(self.seconds, 1)})
+
+
+def stage_minutes(stages: list[str], minutes: float) -> dict[str, float]:
+    total = sum(configs.PLAN_MINUTES[s] for s in stages)
+    return {s: minutes * configs.PLAN_MINUTES[s] / total for s in stages}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--stage", nargs="+", required=True, choices=(*configs.STAGES, "all"))
+    p.add_argument("--minutes", type=float, required=True, help="wall-clock budget of this invocation")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--resume", action="store_true", help="continue each stage from DIR/<stage>/state.pt")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--workers", type=int, default=8 if torch.cuda.is_available() else 0,
+                   help="data-generation processes sharing the device")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--checkpoint-minutes", type=float, default=3.0)
+    args = p.parse_args(argv)
+    stages = list(configs.STAGES) if "all" in args.stage else args.stage
+    for stage, minutes in stage_minutes(stages, args.minutes).items():
+        trainer = Trainer(stage, args.out, args.device, args.seed, args.workers,
+                          checkpoint_minutes=args.checkpoint_minutes)
+        trainer.run(minutes, args.resume, args.max_steps)
+
+
+if __name__ == "__main__":
+    main()
