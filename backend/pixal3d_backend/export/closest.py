@@ -1,0 +1,157 @@
+"""Closest points on a triangle mesh, vectorised in torch.
+
+`ClosestTriangleBand` stores, for every vertex of a regular grid within `radius` of the surface, its closest
+triangle (exact: every triangle is tested against every grid vertex in its bounding box grown by `radius`).
+A query point then only tests the closest triangles of the 8 corners of its grid cell. This replaces a BVH:
+building is one pass of (triangle, nearby grid vertex) pairs and querying is a fixed 8 candidates per point,
+both plain tensor ops that run unchanged on CPU and GPU (no per-query tree traversal, no Python loops over
+points). The candidates contain the true closest triangle except where the surface has features smaller than
+a cell; there the distance error is bounded by twice the distance from the query to the corner (Lipschitz
+bound), which is why the band is built at the decoded resolution.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_CORNERS = torch.tensor([[(i >> 0) & 1, (i >> 1) & 1, (i >> 2) & 1] for i in range(8)])
+
+
+def _safe_div(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return a / torch.where(b == 0, torch.ones_like(b), b)
+
+
+def closest_on_triangles(p: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Barycentric coordinates [..., 3] of the closest point to p on triangle (a, b, c) (Ericson, RTCD 5.1.5)."""
+    ab, ac = b - a, c - a
+    ap, bp, cp = p - a, p - b, p - c
+    d1, d2 = (ab * ap).sum(-1), (ac * ap).sum(-1)
+    d3, d4 = (ab * bp).sum(-1), (ac * bp).sum(-1)
+    d5, d6 = (ab * cp).sum(-1), (ac * cp).sum(-1)
+    va, vb, vc = d3 * d6 - d5 * d4, d5 * d2 - d1 * d6, d1 * d4 - d3 * d2
+    one, zero = torch.ones_like(d1), torch.zeros_like(d1)
+
+    den = va + vb + vc
+    v, w = _safe_div(vb, den), _safe_div(vc, den)
+    bary = torch.stack([1 - v - w, v, w], -1)
+    # Voronoi regions, applied from lowest to highest priority so that the first matching test of RTCD wins.
+    t = _safe_div(d4 - d3, (d4 - d3) + (d5 - d6))
+    regions = [
+        ((va <= 0) & (d4 - d3 >= 0) & (d5 - d6 >= 0), (zero, 1 - t, t)),
+        ((vb <= 0) & (d2 >= 0) & (d6 <= 0), (1 - _safe_div(d2, d2 - d6), zero, _safe_div(d2, d2 - d6))),
+        ((d6 >= 0) & (d5 <= d6), (zero, zero, one)),
+        ((vc <= 0) & (d1 >= 0) & (d3 <= 0), (1 - _safe_div(d1, d1 - d3), _safe_div(d1, d1 - d3), zero)),
+        ((d3 >= 0) & (d4 <= d3), (zero, one, zero)),
+        ((d1 <= 0) & (d2 <= 0), (one, zero, zero)),
+    ]
+    for mask, value in regions:
+        bary = torch.where(mask[..., None], torch.stack(value, -1), bary)
+    return bary
+
+
+def _point(bary: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    return bary[..., 0:1] * a + bary[..., 1:2] * b + bary[..., 2:3] * c
+
+
+@dataclass
+class Grid:
+    """Regular grid of vertices `origin + i * spacing`, i in [0, dims)."""
+    origin: float
+    spacing: float
+    dims: int
+
+    def key(self, idx: torch.Tensor) -> torch.Tensor:
+        return (idx[..., 0] * self.dims + idx[..., 1]) * self.dims + idx[..., 2]
+
+    def index(self, keys: torch.Tensor) -> torch.Tensor:
+        n = self.dims
+        return torch.stack([keys // (n * n), (keys // n) % n, keys % n], -1)
+
+    def position(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.origin + idx.float() * self.spacing
+
+
+@dataclass
+class ClosestTriangleBand:
+    grid: Grid
+    keys: torch.Tensor        # [B] sorted grid keys of the band vertices
+    triangle: torch.Tensor    # [B] closest triangle
+    distance: torch.Tensor    # [B] unsigned distance
+    bary: torch.Tensor        # [B, 3] barycentrics of the closest point
+
+    @staticmethod
+    def build(vertices: torch.Tensor, faces: torch.Tensor, grid: Grid, radius: float,
+              pairs_per_chunk: int = 1 << 22) -> "ClosestTriangleBand":
+        tri = vertices[faces]                                                   # [F, 3, 3]
+        unit_n = torch.nn.functional.normalize(torch.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0], dim=-1), dim=-1)
+        lo = torch.ceil((tri.amin(1) - radius - grid.origin) / grid.spacing).long().clamp(0, grid.dims - 1)
+        hi = torch.floor((tri.amax(1) + radius - grid.origin) / grid.spacing).long().clamp(0, grid.dims - 1)
+        ext = (hi - lo + 1).clamp_min(0)
+        count = ext.prod(-1)
+        chunk_of = torch.cumsum(count, 0) // pairs_per_chunk
+        keys, dist, tris = [], [], []
+        for c in torch.unique(chunk_of).tolist():
+            sel = torch.nonzero(chunk_of == c)[:, 0]
+            n = count[sel]
+            t = torch.repeat_interleave(sel, n)
+            local = torch.arange(t.numel(), device=t.device) - torch.repeat_interleave(torch.cumsum(n, 0) - n, n)
+            e = ext[t]
+            off = torch.stack([local // (e[:, 1] * e[:, 2]), (local // e[:, 2]) % e[:, 1], local % e[:, 2]], -1)
+            idx = lo[t] + off
+            p = grid.position(idx)
+            # cheap plane-distance test first: most pairs of a triangle's box are far from its plane
+            near = ((p - tri[t, 0]) * unit_n[t]).sum(-1).abs() <= radius
+            t, idx, p = t[near], idx[near], p[near]
+            a, b, cc = tri[t, 0], tri[t, 1], tri[t, 2]
+            d = (p - _point(closest_on_triangles(p, a, b, cc), a, b, cc)).norm(dim=-1)
+            keep = d <= radius
+            k, d, t = _argmin_per_key(grid.key(idx[keep]), d[keep], t[keep])
+            keys.append(k), dist.append(d), tris.append(t)
+        keys, dist, tris = _argmin_per_key(torch.cat(keys), torch.cat(dist), torch.cat(tris))
+        p = grid.position(grid.index(keys))
+        f = tri[tris]
+        bary = closest_on_triangles(p, f[:, 0], f[:, 1], f[:, 2])
+        return ClosestTriangleBand(grid, keys, tris, dist, bary)
+
+    def lookup(self, keys: torch.Tensor) -> torch.Tensor:
+        """Row of each grid key in the band, -1 where absent."""
+        if self.keys.numel() == 0:
+            return torch.full_like(keys, -1)
+        pos = torch.searchsorted(self.keys, keys).clamp(max=self.keys.numel() - 1)
+        return torch.where(self.keys[pos] == keys, pos, torch.full_like(pos, -1))
+
+    def query(self, vertices: torch.Tensor, faces: torch.Tensor, points: torch.Tensor,
+              chunk: int = 1 << 20) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Closest point on the mesh for each point [P, 3], among the closest triangles of the 8 corners of its
+        cell. Returns (triangle [P] (-1 where no corner is in the band), barycentrics [P, 3], points [P, 3])."""
+        g = self.grid
+        tri_out, bary_out, point_out = [], [], []
+        corners = _CORNERS.to(points.device)
+        for q in points.split(chunk):
+            cell = torch.floor((q - g.origin) / g.spacing).long()
+            idx = (cell[:, None, :] + corners[None]).clamp(0, g.dims - 1)
+            rows = self.lookup(g.key(idx))                                       # [Q, 8]
+            cand = torch.where(rows >= 0, self.triangle[rows.clamp_min(0)], torch.zeros_like(rows))
+            f = vertices[faces[cand]]                                            # [Q, 8, 3, 3]
+            qq = q[:, None, :].expand(-1, 8, -1)
+            bary = closest_on_triangles(qq, f[..., 0, :], f[..., 1, :], f[..., 2, :])
+            pts = _point(bary, f[..., 0, :], f[..., 1, :], f[..., 2, :])
+            d = (pts - qq).norm(dim=-1).masked_fill(rows < 0, float("inf"))
+            best = d.argmin(1)
+            ar = torch.arange(q.shape[0], device=q.device)
+            found = torch.isfinite(d[ar, best])
+            tri_out.append(torch.where(found, cand[ar, best], torch.full_like(best, -1)))
+            bary_out.append(bary[ar, best])
+            point_out.append(torch.where(found[:, None], pts[ar, best], q))
+        return torch.cat(tri_out), torch.cat(bary_out), torch.cat(point_out)
+
+
+def _argmin_per_key(keys: torch.Tensor, dist: torch.Tensor, tri: torch.Tensor):
+    """Per distinct key, the (distance, triangle) with the smallest distance; keys come back sorted."""
+    order = torch.argsort(dist)
+    order = order[torch.argsort(keys[order], stable=True)]
+    keys, dist, tri = keys[order], dist[order], tri[order]
+    first = torch.ones_like(keys, dtype=torch.bool)
+    first[1:] = keys[1:] != keys[:-1]
+    return keys[first], dist[first], tri[first]
