@@ -1,6 +1,7 @@
 """The export stage: decoded mesh + voxel PBR attributes -> a UV-mapped, decimated asset with baked maps.
 
-Steps (model frame until the end): optional remesh to a closed surface; quadric decimation to the face target;
+Steps (model frame until the end): small-hole filling (`mesh.fill_small_holes`, the official 3e-2 perimeter);
+optional remesh to a closed surface; quadric decimation to the face target;
 xatlas unwrap; bake base colour + alpha, metallic, roughness from the voxel field at each texel's closest
 point on the decoded surface, and a tangent-space normal map from that surface's normals; inpainting; uint8.
 The result is rotated into the official GLB frame (`camera.R_MODEL_TO_GLB`, spec §7), a proper rotation, so
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 
 from ..camera import R_MODEL_TO_GLB
+from ..mesh import fill_small_holes
 from .bake import Reference, bake, vertex_normals
 from .closest import ClosestTriangleBand, Grid
 from .decimate import decimate
@@ -109,6 +111,7 @@ def export_asset(mesh_vertices, mesh_faces, voxel_coords, voxel_attrs, resolutio
 
     ref_v = torch.as_tensor(np.asarray(mesh_vertices), dtype=torch.float32, device=dev)
     ref_f = torch.as_tensor(np.asarray(mesh_faces), dtype=torch.long, device=dev)
+    ref_v, ref_f = fill_small_holes(ref_v, ref_f)
     field_ = SparseVoxelField(torch.as_tensor(np.asarray(voxel_coords), device=dev),
                               torch.as_tensor(np.asarray(voxel_attrs), device=dev), resolution)
     h = 1.0 / resolution
