@@ -127,7 +127,7 @@ def _finished_stage(stage, pool, out):
 
 
 def _trainer(stage, out, monkeypatch, pool):
-    monkeypatch.setattr(train, "generate_pool", lambda *a, **k: (pool, 2))
+    monkeypatch.setattr(train, "generate_pool", lambda _g, _b, _w, transform, deadline=None: (transform(pool), 2))
     return train.Trainer(stage, out, "cpu", overrides=TINY, log_every=1)
 
 
@@ -144,3 +144,21 @@ def test_resume_is_bit_identical(pool, tmp_path, monkeypatch):
     assert all(torch.equal(straight.ema.params[k], resumed.ema.params[k]) for k in a if k in straight.ema.params)
     norm = train.load_weights(tmp_path / "b" / "shape_vae" / "weights.safetensors")[1]["normalization"]["shape"]
     assert len(norm["mean"]) == len(norm["std"]) == 4
+
+
+def test_export_default_writes_a_strictly_loadable_snapshot(pool, tmp_path, monkeypatch):
+    from pixal3d_backend.loading import Snapshot
+    from pixal3d_backend.training import export_default
+
+    monkeypatch.setattr(train, "generate_pool", lambda _g, _b, _w, transform, deadline=None: (transform(pool), 2))
+    run = tmp_path / "run"
+    for stage in configs.STAGES:
+        train.Trainer(stage, run, "cpu", overrides=TINY, log_every=1).run(minutes=5, resume=False, max_steps=2)
+    evaluation = {"command": "pixal3d eval --objects 2", "metrics": {"mask_iou": 0.5}}
+    out = export_default.export(run, evaluation, tmp_path / "snapshot")
+    snapshot = Snapshot.open(out)
+    assert snapshot.pipeline_args["cascade"] == "single_stage_512"
+    for key in export_default.CKPT_NAMES:
+        snapshot.load(key)                                   # strict: every key, every shape
+    card = (out / "MODEL_CARD.md").read_text()
+    assert "mask_iou | 0.5" in card and "| shape_flow | 2 |" in card

@@ -38,9 +38,13 @@ DEPENDS = {"ss_vae": (), "shape_vae": (), "tex_vae": (), "ss_flow": ("ss_vae",),
 FLOW_STAGES = ("ss_flow", "shape_flow", "tex_flow")
 
 
+def stage_config(key: str, overrides: dict | None = None) -> dict:
+    """The `{"name", "args"}` of a network by its key: `overrides`, else configs.MODELS / ENCODER_MODELS."""
+    return (overrides or {}).get(key) or configs.MODELS.get(key) or configs.ENCODER_MODELS[key]
+
+
 def build(key: str, overrides: dict | None = None) -> nn.Module:
-    """A network of the default model by its key (configs.MODELS or configs.ENCODER_MODELS)."""
-    cfg = (overrides or {}).get(key) or configs.MODELS.get(key) or configs.ENCODER_MODELS[key]
+    cfg = stage_config(key, overrides)
     return ENCODERS[cfg["name"]](**cfg["args"]) if cfg["name"] in ENCODERS else build_model(cfg)
 
 

@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 
 from . import configs
 from .batches import ViewGenerator, Views, generate_pool, shape_inputs, texture_inputs
-from .stages import DEPENDS, LEARNING_RATE, STAGE_CLASSES, VIEWS_PER_STEP, build, trained_keys
+from .stages import DEPENDS, LEARNING_RATE, STAGE_CLASSES, VIEWS_PER_STEP, build, stage_config, trained_keys
 
 POOL_FRACTION = 0.3          # at most this share of a stage's first run generates its pool
 OBJECTS_PER_GENERATOR_BATCH = 4
@@ -125,8 +125,8 @@ class Trainer:
                  "models": self.models.state_dict(), "ema": self.ema.params, "optimizer": self.optimizer.state_dict()}
         atomic_write(self.dir / "state.pt", lambda p: torch.save(state, p))
         weights = {k: v.detach().cpu().contiguous() for k, v in self.ema.state_dict(self.models).items()}
-        meta = {"stage": self.name, "step": self.step, "seconds": self.seconds,
-                "normalization": self.normalization}
+        meta = {"stage": self.name, "step": self.step, "seconds": self.seconds, "normalization": self.normalization,
+                "configs": {k: stage_config(k, self.overrides) for k in self.models}}
         atomic_write(self.dir / "weights.safetensors",
                      lambda p: save_file(weights, str(p), metadata={"pixal3d": json.dumps(meta)}))
 
@@ -171,8 +171,12 @@ class Trainer:
     def run(self, minutes: float, resume: bool, max_steps: int | None = None, max_pool_batches: int = 10_000) -> None:
         """Trains for `minutes` of wall clock (pool generation included) or until step `max_steps`."""
         start = time.monotonic()
-        if resume and (self.dir / "state.pt").is_file():
+        resumed = resume and (self.dir / "state.pt").is_file()
+        if resumed:
             self.load()
+        self.log({"event": "start", "step": self.step, "resumed": resumed, "torch": torch.__version__,
+                  "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
+                  "views_per_step": VIEWS_PER_STEP[self.name], "minutes": minutes})
         pool = self.build_pool(60 * minutes, max_pool_batches)
         self.models.train()
         last_checkpoint, window = time.monotonic(), []

@@ -1,0 +1,184 @@
+"""Write a trained run as the bundled default model: an official-layout snapshot plus its model card.
+
+    python -m pixal3d_backend.training.export_default --run runs/default --eval eval.json \
+        [--out backend/pixal3d_backend/default_model]
+
+Snapshot (loaded by `loading.Snapshot`, every checkpoint strictly):
+
+    pipeline.json        {"name", "args": {"models", the three samplers, shape/tex normalisation, ...}} plus our
+                         keys: "cascade" (single-stage 512 cascade), "decoded_resolution", "image_cond_models"
+    ckpts/<name>.json    {"name": <official class>, "args": ...}: the config each network was trained with
+    ckpts/<name>.safetensors   the EMA weights, floating tensors in fp16 (the networks run in fp32 after the
+                         loader's cast; fp16 storage halves the size, the round-off is ~1e-3 relative)
+    MODEL_CARD.md        generated from the runs' logs and the evaluation results; nothing is filled in by hand
+
+The DINOv3 blocks are written under their official names `model.layer.*` whatever transformers version
+trained them (5.x nests them as `model.model.layer.*`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from ..sampler import STAGE_DEFAULTS
+from .losses import SIGMA_MIN
+from .stages import trained_keys
+from .train import load_weights, prefixed
+
+DEFAULT_DIR = Path(__file__).resolve().parents[1] / "default_model"
+MAX_BYTES = 50 * 1024 * 1024
+CKPT_NAMES = {
+    "sparse_structure_flow_model": "ss_flow_img_dit_small_16",
+    "sparse_structure_decoder": "ss_dec_conv3d_small_16l8",
+    "shape_slat_flow_model_512": "slat_flow_img2shape_dit_small_512",
+    "tex_slat_flow_model_512": "slat_flow_imgshape2tex_dit_small_512",
+    "shape_slat_decoder": "shape_dec_fdg_small_256",
+    "tex_slat_decoder": "tex_dec_small_256",
+    "image_cond_model_ss": "dinov3_small_ss",
+    "image_cond_model_shape_512": "dinov3_small_shape_512",
+    "image_cond_model_tex_512": "dinov3_small_tex_512",
+}
+SAMPLERS = {"sparse_structure_sampler": "sparse_structure", "shape_slat_sampler": "shape",
+            "tex_slat_sampler": "texture"}
+SHIPPING_STAGES = ("ss_vae", "shape_vae", "tex_vae", "ss_flow", "shape_flow", "tex_flow")
+
+
+def storage(key: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """fp16 floating tensors (complex buffers as they are) under the official key names."""
+    out = {}
+    for name, t in tensors.items():
+        if key.startswith("image_cond_model") and name.startswith("model.model.layer."):
+            name = "model.layer." + name[len("model.model.layer."):]
+        if t.is_floating_point():
+            half = t.half()
+            if not torch.isfinite(half).all():
+                raise ValueError(f"{key}.{name} does not fit in fp16")
+            t = half
+        out[name] = t.contiguous()
+    return out
+
+
+def pipeline_json(normalization: dict, decoded_resolution: int) -> dict:
+    return {"name": "Pixal3DImageTo3DPipeline", "args": {
+        "models": {key: f"ckpts/{name}" for key, name in CKPT_NAMES.items()},
+        **{k: {"name": "FlowEulerGuidanceIntervalSampler", "args": {"sigma_min": SIGMA_MIN},
+               "params": {p: list(v) if isinstance(v, tuple) else v for p, v in STAGE_DEFAULTS[stage].items()}}
+           for k, stage in SAMPLERS.items()},
+        "shape_slat_normalization": normalization["shape"],
+        "tex_slat_normalization": normalization["tex"],
+        "default_pipeline_type": "512",
+        "cascade": "single_stage_512",
+        "decoded_resolution": decoded_resolution,
+        "image_cond_models": {"sparse_structure": "image_cond_model_ss", "shape": "image_cond_model_shape_512",
+                              "texture": "image_cond_model_tex_512"},
+    }}
+
+
+def read_log(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def stage_summary(run: Path, stage: str) -> dict:
+    """Steps, train time, pool size, hardware and the mean of the last logged losses of one stage."""
+    log = read_log(run / stage / "log.jsonl")
+    starts = [r for r in log if r.get("event") == "start"]
+    pools = [r for r in log if r.get("event") == "pool"]
+    steps = [r for r in log if "event" not in r]
+    if not steps:
+        raise ValueError(f"{run / stage / 'log.jsonl'} has no logged training steps")
+    tail = steps[-4:]
+    losses = {k: sum(r[k] for r in tail) / len(tail) for k in tail[-1]
+              if k not in ("stage", "step", "seconds", "lr", "grad_norm")}
+    return {"steps": steps[-1]["step"], "seconds": steps[-1]["seconds"], "views_per_step": starts[-1]["views_per_step"],
+            "pool_views": pools[-1]["views"], "device": starts[-1]["device"], "torch": starts[-1]["torch"],
+            "invocations": len(starts), "final_losses": losses}
+
+
+def model_card(run: Path, evaluation: dict, models: dict[str, dict], sizes: dict[str, tuple[int, int]]) -> str:
+    summaries = {s: stage_summary(run, s) for s in SHIPPING_STAGES}
+    dino, resolution = models["image_cond_model_ss"]["args"], models["shape_slat_decoder"]["args"]["resolution"]
+    hardware = sorted({f"{s['device']} (torch {s['torch']})" for s in summaries.values()})
+    lines = [
+        "# Pixal3D default model (small, procedural data)", "",
+        "Generated by `pixal3d_backend.training.export_default` from the training logs and the evaluation "
+        "results; do not edit by hand.", "",
+        "## Model", "",
+        "Same classes as the official Pixal3D / TRELLIS.2 release with small configs, single-stage cascade: sparse "
+        f"structure (16^3 x 8 latent -> 64^3 -> 32^3 tokens), shape and texture flows on the 32^3 tokens, decoders "
+        f"to {resolution}^3 flexible-dual-grid voxels. Each flow has its own small DINOv3 "
+        f"({dino['dinov3_config']['num_hidden_layers']} layers, width {dino['dinov3_config']['hidden_size']}, "
+        f"image {dino['image_size']} px, no NAF) trained from scratch with it.", "",
+        "| network | class | parameters | file MB |", "|---|---|---:|---:|",
+        *[f"| `{k}` | {models[k]['name']} | {sizes[k][0]:,} | {sizes[k][1] / 2**20:.1f} |" for k in CKPT_NAMES],
+        f"| total | | {sum(v[0] for v in sizes.values()):,} | {sum(v[1] for v in sizes.values()) / 2**20:.1f} |", "",
+        "## Data", "",
+        "Procedural SDF objects from the `pixal3d_backend.data` grammar (train seeds only; the evaluation seeds "
+        "are disjoint), each rendered from 2 random views (FOV 10-70 degrees) with PBR shading, the object posed "
+        "in the camera frame as in the official training data. Targets: flexible-dual-grid voxels at "
+        f"{resolution}^3 and PBR voxel attributes; the sparse structure is their 64^3 occupancy.", "",
+        "## Training", "",
+        f"Hardware: {', '.join(hardware)}. AdamW, bf16 autocast, EMA 0.999; each stage trains on a pool of "
+        "generated views.", "",
+        "| stage | steps | views/step | pool views | train s | invocations | final losses (mean of last logs) |",
+        "|---|---:|---:|---:|---:|---:|---|",
+        *[f"| {s} | {v['steps']} | {v['views_per_step']} | {v['pool_views']} | {v['seconds']:.0f} | "
+          f"{v['invocations']} | " + ", ".join(f"{k} {x:.4g}" for k, x in v["final_losses"].items()) + " |"
+          for s, v in summaries.items()], "",
+        "## Evaluation", "",
+        f"Command: `{evaluation['command']}`", "",
+        "| metric | value |", "|---|---:|",
+        *[f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in evaluation["metrics"].items()],
+        "",
+        "## Limitations", "",
+        "Trained for minutes on procedural objects only: expect coarse geometry and flat textures on real photos, "
+        "thin parts and concavities that the 32^3 tokens and the 256^3 decoder cannot resolve, and no knowledge of "
+        "real object categories. It exists so that the product works offline; use the official weights for "
+        "quality.", "",
+    ]
+    return "\n".join(lines)
+
+
+def export(run: Path, evaluation: dict, out: Path = DEFAULT_DIR) -> Path:
+    """Writes the snapshot and the card into `out` (replacing its files); returns `out`."""
+    weights, models, normalization = {}, {}, {}
+    for stage in SHIPPING_STAGES:
+        tensors, meta = load_weights(run / stage / "weights.safetensors")
+        normalization.update(meta["normalization"])
+        for key in trained_keys(stage):
+            if key in CKPT_NAMES:
+                weights[key] = storage(key, prefixed(tensors, key))
+                models[key] = meta["configs"][key]
+    (out / "ckpts").mkdir(parents=True, exist_ok=True)
+    sizes = {}
+    for key, name in CKPT_NAMES.items():
+        (out / "ckpts" / f"{name}.json").write_text(json.dumps(models[key], indent=2) + "\n")
+        path = out / "ckpts" / f"{name}.safetensors"
+        save_file(weights[key], str(path))
+        sizes[key] = (sum(t.numel() for t in weights[key].values() if t.is_floating_point()), path.stat().st_size)
+    total = sum(s for _, s in sizes.values())
+    if total > MAX_BYTES:
+        raise ValueError(f"the default model is {total / 2**20:.1f} MiB, over the {MAX_BYTES / 2**20:.0f} MiB budget")
+    (out / "pipeline.json").write_text(json.dumps(pipeline_json(normalization, models["shape_slat_decoder"]["args"]["resolution"]), indent=2) + "\n")
+    (out / "MODEL_CARD.md").write_text(model_card(run, evaluation, models, sizes))
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--run", type=Path, required=True, help="the --out folder of training.train")
+    p.add_argument("--eval", type=Path, required=True,
+                   help='JSON {"command": "<the pixal3d eval command>", "metrics": {name: value}}')
+    p.add_argument("--out", type=Path, default=DEFAULT_DIR)
+    args = p.parse_args(argv)
+    evaluation = json.loads(args.eval.read_text())
+    if not evaluation.get("metrics") or not evaluation.get("command"):
+        raise SystemExit(f"{args.eval} needs a non-empty 'metrics' and the 'command' that produced them")
+    print(export(args.run, evaluation, args.out))
+
+
+if __name__ == "__main__":
+    main()
