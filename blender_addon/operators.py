@@ -8,7 +8,7 @@ import bpy
 import numpy as np
 from bpy.props import EnumProperty, StringProperty
 
-from . import preferences, render, runtime, worker
+from . import preferences, properties, render, runtime, worker
 from .shared import camera as cameras
 from .shared import protocol
 
@@ -19,7 +19,7 @@ def input_spec(context) -> dict:
     """The inputs of a generation as chosen in the panel (also what provenance records for Regenerate)."""
     settings = context.scene.pixal3d
     spec = {"source": settings.source, "depth": settings.depth, "parent_to_camera": settings.parent_to_camera,
-            "options": dataclasses.asdict(settings.options())}
+            "options": dataclasses.asdict(properties.options_from(settings))}
     if settings.source == "CAMERA":
         spec["cameras"] = [context.scene.camera.name] if context.scene.camera else []
     elif settings.source == "CAMERAS":

@@ -59,13 +59,6 @@ class PIXAL3D_PG_settings(bpy.types.PropertyGroup):
     parent_to_camera: BoolProperty(name="Parent to Camera", default=False,
                                    description="Parent the generated object to its camera so they move together")
 
-    def options(self) -> protocol.Options:
-        values = {}
-        for f in dataclasses.fields(protocol.Options):
-            value = getattr(self, f.name)
-            values[f.name] = int(value) if isinstance(f.default, int) and isinstance(value, str) else value
-        return protocol.Options(**values)
-
 
 class PIXAL3D_PG_status(bpy.types.PropertyGroup):
     """What the panel shows about the running job; written only by the main-thread timer."""
@@ -77,10 +70,18 @@ class PIXAL3D_PG_status(bpy.types.PropertyGroup):
     message: StringProperty()
     last_error: StringProperty()
     backend: StringProperty()       # "device, model" from the last hello
+    # Kept in step with step/total by the timer (see options_from for why this is not a Python property).
+    fraction: FloatProperty(min=0.0, max=1.0)
 
-    @property
-    def fraction(self) -> float:
-        return self.step / self.total if self.total else 0.0
+
+def options_from(settings: PIXAL3D_PG_settings) -> protocol.Options:
+    """The protocol's options from the panel. (Not a method: Python methods and properties on a PropertyGroup
+    crash the `bpy` module at exit in bpy 4.2.)"""
+    values = {}
+    for f in dataclasses.fields(protocol.Options):
+        value = getattr(settings, f.name)
+        values[f.name] = int(value) if isinstance(f.default, int) and isinstance(value, str) else value
+    return protocol.Options(**values)
 
 
 classes = (PIXAL3D_PG_settings, PIXAL3D_PG_status)

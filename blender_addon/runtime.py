@@ -54,6 +54,7 @@ def start(job: worker.Job, target: Target) -> None:
     current = Session(worker.JobWorker(job), target)
     status = bpy.context.window_manager.pixal3d
     status.running, status.cancelling, status.stage, status.step, status.total = True, False, "", 0, 0
+    status.fraction = 0.0
     status.message, status.last_error = "Connecting to the backend…", ""
     current.worker.start()
     _progress_begin()
@@ -98,6 +99,7 @@ def _apply(session: Session, event) -> bool:
         status.message = event.message
     elif isinstance(event, worker.Progress):
         status.stage, status.step, status.total = event.stage, event.step, event.total
+        status.fraction = event.step / event.total if event.total else 0.0
         status.message = f"{event.stage.replace('_', ' ').capitalize()} {event.step}/{event.total}"
         _progress_update(status.fraction)
     elif isinstance(event, worker.Finished):

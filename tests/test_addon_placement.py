@@ -22,16 +22,11 @@ meshdata, render = addon.meshdata, addon.render
 MID_CORNERS = np.array([[-0.5, 0.5, 0.0], [0.5, 0.5, 0.0], [0.5, -0.5, 0.0], [-0.5, -0.5, 0.0]])
 CENTRE = np.zeros((1, 3))
 
-# camera.blender_intrinsics has the shift's sign flipped (Blender puts the optical axis at
-# cx = W/2 - shift_x * fitted, cy = H/2 + shift_y * fitted, image y down; reference §7 agrees). Until camera.py is
-# fixed, shifted cameras fail here; strict, so the marker must go when the fix lands.
-SHIFT_BUG = pytest.mark.xfail(strict=True, reason="camera.blender_intrinsics: shift sign flipped")
-CASES = [pytest.param(lens, fit, shift, resolution, marks=[SHIFT_BUG] if any(shift) else [])
-         for lens, fit, shift, resolution in itertools.product(
-             [(18.0, 36.0, 24.0), (50.0, 36.0, 24.0), (135.0, 23.5, 15.6)],   # lens, sensor width, sensor height
-             ["AUTO", "HORIZONTAL", "VERTICAL"],
-             [(0.0, 0.0), (0.12, -0.07)],                                     # shift x, y
-             [(640, 480), (360, 720), (512, 512)])]                           # resolution
+CASES = list(itertools.product(
+    [(18.0, 36.0, 24.0), (50.0, 36.0, 24.0), (135.0, 23.5, 15.6)],   # lens, sensor width, sensor height
+    ["AUTO", "HORIZONTAL", "VERTICAL"],
+    [(0.0, 0.0), (0.12, -0.07)],                                     # shift x, y
+    [(640, 480), (360, 720), (512, 512)]))                           # resolution
 
 
 def make_camera(lens, sensor_w, sensor_h, fit, shift, name="Cam"):
