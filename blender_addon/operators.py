@@ -150,7 +150,11 @@ class PIXAL3D_OT_regenerate(bpy.types.Operator):
         spec = {k: spec[k] for k in ("source", "depth", "parent_to_camera", "options", "cameras", "image",
                                      "filepath", "photo_lens") if k in spec}
         spec["cameras"] = list(spec.get("cameras", []))
-        spec["options"] = dict(spec["options"], seed=random.randint(0, SEED_MAX))
+        # ID properties store booleans as ints: restore each option's type from the protocol's definition.
+        recorded = spec["options"]
+        spec["options"] = {f.name: type(f.default)(recorded[f.name]) for f in dataclasses.fields(protocol.Options)
+                           if f.name in recorded}
+        spec["options"]["seed"] = random.randint(0, SEED_MAX)
         return _start(self, context, spec)
 
 

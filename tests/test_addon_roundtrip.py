@@ -214,3 +214,28 @@ def test_unreachable_backend_is_reported_in_words(scene):
     run_timer()
     error = bpy.context.window_manager.pixal3d.last_error
     assert "no answer from the Pixal3D backend at tcp://127.0.0.1:9" in error
+
+
+def test_image_source_lands_on_the_cursor_with_a_matching_camera_and_regenerates(scene, server):
+    server()
+    image = bpy.data.images.new("photo", 96, 64, alpha=True)
+    pixels = np.zeros((64, 96, 4), np.float32)
+    pixels[16:48, 30:70] = 1.0
+    image.pixels.foreach_set(pixels.ravel())
+    settings = scene.pixal3d
+    settings.source, settings.image = "IMAGE", image
+    scene.cursor.location = (1.0, 2.0, 3.0)
+    assert bpy.ops.pixal3d.generate() == {'FINISHED'}
+    run_timer()
+    assert bpy.context.window_manager.pixal3d.last_error == ""
+    obj = bpy.context.view_layer.objects.active
+    np.testing.assert_allclose(obj.matrix_world.translation, (1.0, 2.0, 3.0), atol=1e-5)
+    camera = bpy.data.objects[obj["pixal3d"]["camera"]]
+    assert camera.type == 'CAMERA' and list(camera["pixal3d_resolution"]) == [96, 64]
+
+    seed = obj["pixal3d"]["options"]["seed"]
+    assert bpy.ops.pixal3d.regenerate() == {'FINISHED'}
+    run_timer()
+    assert bpy.context.window_manager.pixal3d.last_error == ""
+    again = bpy.context.view_layer.objects.active
+    assert again != obj and again["pixal3d"]["options"]["seed"] != seed
