@@ -22,11 +22,15 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
 
 from .models import build_model
+
+if TYPE_CHECKING:
+    from .pipeline import Pixal3DPipeline
 
 OFFICIAL_REPO_ID = "TencentARC/Pixal3D"
 
@@ -47,6 +51,15 @@ def hf_cache_dir() -> Path:
     return home / "hub"
 
 
+def cached_repo(repo_id: str, revision: str = "main") -> Path | None:
+    """The folder of a repo already in the local Hugging Face cache, or None. Never downloads."""
+    repo_dir = hf_cache_dir() / ("models--" + repo_id.replace("/", "--"))
+    ref = repo_dir / "refs" / revision
+    commit = ref.read_text().strip() if ref.is_file() else revision
+    snap = repo_dir / "snapshots" / commit
+    return snap if snap.is_dir() else None
+
+
 def resolve_snapshot(path_or_repo_id: str | os.PathLike, revision: str = "main") -> Path:
     """A local folder, or a repo id already present in the local HF cache. Never downloads."""
     p = Path(path_or_repo_id).expanduser()
@@ -58,11 +71,8 @@ def resolve_snapshot(path_or_repo_id: str | os.PathLike, revision: str = "main")
     repo_id = str(path_or_repo_id)
     if repo_id.count("/") != 1 or p.exists():
         raise CheckpointError(f"{path_or_repo_id!r} is neither a snapshot folder nor a Hugging Face repo id")
-    repo_dir = hf_cache_dir() / ("models--" + repo_id.replace("/", "--"))
-    ref = repo_dir / "refs" / revision
-    commit = ref.read_text().strip() if ref.is_file() else revision
-    snap = repo_dir / "snapshots" / commit
-    if not (snap / "pipeline.json").is_file():
+    snap = cached_repo(repo_id, revision)
+    if snap is None or not (snap / "pipeline.json").is_file():
         raise CheckpointError(
             f"{repo_id} (revision {revision}) is not in the local Hugging Face cache ({hf_cache_dir()}). "
             f"Download it once with `pixal3d weights download` or pass the path of a local snapshot.")
@@ -141,3 +151,124 @@ class Snapshot:
 
     def load(self, key: str, device: str | torch.device = "cpu") -> torch.nn.Module:
         return load_checkpoint(*self.checkpoint_files(key), device=device)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A whole model: the pipeline with its conditioning, from a snapshot
+# ---------------------------------------------------------------------------------------------------------
+
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default_model"
+
+
+@dataclass
+class LoadedModel:
+    pipeline: "Pixal3DPipeline"
+    model_id: str
+    model_hash: str
+    default_options: dict          # protocol `Options` fields suited to this model (its resolution, face budget)
+
+    @property
+    def resolutions(self) -> tuple[int, ...]:
+        return self.pipeline.resolutions
+
+
+def fingerprint(snapshot: Snapshot, keys: list[str]) -> str:
+    """A cheap identity of a snapshot's weights: sha256 over pipeline.json, each checkpoint's config, its
+    safetensors header (names, shapes, dtypes, offsets) and its first and last MiB. Hashing 24 GB of weights at
+    every start would take minutes; this catches any re-export, truncation or different checkpoint."""
+    import hashlib
+
+    h = hashlib.sha256((snapshot.root / "pipeline.json").read_bytes())
+    for key in sorted(keys):
+        config, weights = snapshot.checkpoint_files(key)
+        h.update(config.read_bytes())
+        with open(weights, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            h.update(f.read(min(header_len, 1 << 24)))
+            h.update(f.read(1 << 20))
+            f.seek(max(0, weights.stat().st_size - (1 << 20)))
+            h.update(f.read())
+    return h.hexdigest()[:16]
+
+
+def find_dinov3(path: str | os.PathLike | None) -> Path:
+    """The local DINOv3 ViT-L/16 folder: an explicit path, $PIXAL3D_DINOV3, or the Hugging Face cache."""
+    from .weights import DINOV3_REPO_ID
+
+    candidate = path or os.environ.get("PIXAL3D_DINOV3") or cached_repo(DINOV3_REPO_ID)
+    if candidate is None or not (Path(candidate) / "config.json").is_file():
+        raise CheckpointError(
+            "the official Pixal3D model needs DINOv3 ViT-L/16 weights: pass --dinov3 <folder with config.json and "
+            f"model.safetensors>, set PIXAL3D_DINOV3, or run `pixal3d weights download` (got {candidate})")
+    return Path(candidate)
+
+
+def load_naf(path: str | os.PathLike | None, device) -> torch.nn.Module:
+    """NAF from `naf_release.pth` (explicit path, $PIXAL3D_NAF or the torch hub cache), loaded strictly: every
+    parameter must be in the file; the deterministic RoPE buffer may be absent (it is recomputed)."""
+    from .conditioning.naf import NAF
+    from .weights import naf_weights_path
+
+    file = Path(path or os.environ.get("PIXAL3D_NAF") or naf_weights_path())
+    if not file.is_file():
+        raise CheckpointError(f"NAF weights not found at {file}: pass --naf <naf_release.pth>, set PIXAL3D_NAF, or "
+                              "run `pixal3d weights download`")
+    state = torch.load(file, map_location="cpu", weights_only=True)
+    for wrapper in ("state_dict", "model"):          # release files sometimes wrap the state_dict
+        if isinstance(state, dict) and set(state) == {wrapper}:
+            state = state[wrapper]
+    naf = NAF()
+    params = dict(naf.named_parameters())
+    buffers = {k: v for k, v in naf.state_dict().items() if k not in params}
+    load_state_dict_strict(naf, {**buffers, **state}, str(file))
+    return naf.to(device).eval().requires_grad_(False)
+
+
+def official_encoders(dinov3_path, naf_path, device, stages: dict | None = None) -> dict:
+    """The four extractors of the official scripts (`official.ENCODER_STAGES` unless `stages` says otherwise),
+    sharing one DINOv3 and one NAF."""
+    from transformers import DINOv3ViTModel
+
+    from .conditioning.image_encoder import DinoV3ProjFeatureExtractor
+    from .official import ENCODER_STAGES
+
+    backbone = DINOv3ViTModel.from_pretrained(str(find_dinov3(dinov3_path)), local_files_only=True)
+    backbone = backbone.to(device).eval().requires_grad_(False)
+    naf = load_naf(naf_path, device)
+    return {key: DinoV3ProjFeatureExtractor(dinov3=backbone, naf=naf, **stage).eval()
+            for key, stage in (stages or ENCODER_STAGES).items()}
+
+
+def load_model(model: str | os.PathLike | None = None, device: str | torch.device = "cpu", low_vram: bool = False,
+               dinov3_path: str | os.PathLike | None = None, naf_path: str | os.PathLike | None = None,
+               encoder_stages: dict | None = None) -> LoadedModel:
+    """The pipeline of a snapshot: ours (default: the bundled model) or the official one with its helpers."""
+    from .pipeline import SAMPLER_KEYS, SINGLE_STAGE_KEYS, TWO_STAGE_KEYS, Normalization, Pixal3DPipeline
+    from .sampler import STAGE_DEFAULTS
+
+    if model is None:
+        if not (DEFAULT_MODEL_DIR / "pipeline.json").is_file():
+            raise CheckpointError(f"the bundled default model is missing from {DEFAULT_MODEL_DIR}; reinstall the "
+                                  "backend or pass --model <snapshot>")
+        model = DEFAULT_MODEL_DIR
+    snapshot = Snapshot.open(model)
+    args = snapshot.pipeline_args
+    listed = args["models"]
+    keys = [k for k in (TWO_STAGE_KEYS if "shape_slat_flow_model_1024" in listed else SINGLE_STAGE_KEYS)
+            if k in listed]
+    stage_device = "cpu" if low_vram else device
+    modules = {k: snapshot.load(k, stage_device) for k in keys}
+    encoders = {k: modules.pop(k) for k in list(modules) if k.startswith("image_cond_model")}
+    if not encoders:                                  # official snapshots: the scripts build the extractors
+        encoders = official_encoders(dinov3_path, naf_path, stage_device, encoder_stages)
+    settings = {stage: {**STAGE_DEFAULTS[stage], **args.get(key, {}).get("params", {})}
+                for stage, key in SAMPLER_KEYS.items()}
+    sigma_min = args.get("sparse_structure_sampler", {}).get("args", {}).get("sigma_min", 1e-5)
+    pipeline = Pixal3DPipeline(modules, encoders, settings,
+                               Normalization.from_json(args["shape_slat_normalization"]),
+                               Normalization.from_json(args["tex_slat_normalization"]),
+                               sigma_min=sigma_min, device=device, low_vram=low_vram)
+    model_id = "default" if snapshot.root == DEFAULT_MODEL_DIR else str(model)
+    defaults = dict(args.get("default_options", {}))
+    defaults.setdefault("resolution", pipeline.resolutions[0])
+    return LoadedModel(pipeline, model_id, fingerprint(snapshot, keys), defaults)

@@ -33,18 +33,23 @@ from .models.ss_decoder import occupancy_to_coords
 from .sampler import FlowEulerGuidanceIntervalSampler
 from .sparse import SparseTensor
 
-FLOW_KEYS = ("sparse_structure_flow_model", "shape_slat_flow_model_512", "shape_slat_flow_model_1024",
-             "tex_slat_flow_model_1024")
-DECODER_KEYS = ("sparse_structure_decoder", "shape_slat_decoder", "tex_slat_decoder")
-ENCODER_KEYS = ("image_cond_model_ss", "image_cond_model_shape_512", "image_cond_model_shape_1024",
-                "image_cond_model_tex_1024")
+# The official two-stage cascade (1024 / 1536) and the single-stage one of TRELLIS.2's 512 pipeline, which our
+# small default model uses: texture straight on the 32^3 tokens, decoded at 32 * 2^(decoder upsamplings).
+TWO_STAGE_KEYS = ("sparse_structure_flow_model", "sparse_structure_decoder", "shape_slat_flow_model_512",
+                  "shape_slat_flow_model_1024", "tex_slat_flow_model_1024", "shape_slat_decoder", "tex_slat_decoder",
+                  "image_cond_model_ss", "image_cond_model_shape_512", "image_cond_model_shape_1024",
+                  "image_cond_model_tex_1024")
+SINGLE_STAGE_KEYS = ("sparse_structure_flow_model", "sparse_structure_decoder", "shape_slat_flow_model_512",
+                     "tex_slat_flow_model_512", "shape_slat_decoder", "tex_slat_decoder",
+                     "image_cond_model_ss", "image_cond_model_shape_512", "image_cond_model_tex_512")
+ENCODER_KEYS = tuple(k for k in TWO_STAGE_KEYS + SINGLE_STAGE_KEYS if k.startswith("image_cond_model"))
 SAMPLER_KEYS = {"sparse_structure": "sparse_structure_sampler", "shape": "shape_slat_sampler",
                 "texture": "tex_slat_sampler"}
 
 SS_RESOLUTION = 32          # occupancy grid of the sparse structure (hard-coded for both cascades, §1.2)
 LR_GRID = 512               # resolution of the coords after the decoder's x4 upsampling of the 32^3 LR latent
 MAX_NUM_TOKENS = 49152      # official token cap of the HR stage
-CASCADES = (1024, 1536)
+TWO_STAGE_RESOLUTIONS = (1024, 1536)
 
 
 @dataclass
@@ -73,6 +78,11 @@ class PipelineOutput:
     tokens: dict[str, int] = field(default_factory=dict)
 
 
+def coords_grid(resolution: int) -> int:
+    """Latent grid of the HR stage at a decoded resolution (16x upsampling in the official decoders)."""
+    return resolution // 16
+
+
 def hr_grid_coords(upsampled: torch.Tensor, resolution: int, max_num_tokens: int = MAX_NUM_TOKENS
                    ) -> tuple[torch.Tensor, int]:
     """Quantises the decoder's 512^3 coords to the HR latent grid G = res // 16 with the official rule
@@ -80,7 +90,7 @@ def hr_grid_coords(upsampled: torch.Tensor, resolution: int, max_num_tokens: int
     it fits or reaches 1024 (spec §1.6). Returns (coords [N_hr, 4] int32, resolution)."""
     res = resolution
     while True:
-        g = res // 16
+        g = coords_grid(res)
         xyz = ((upsampled[:, 1:].float() + 0.5) / LR_GRID * (g - 1)).round().int()
         coords = torch.cat([upsampled[:, :1].int(), xyz], 1).unique(dim=0)
         if coords.shape[0] < max_num_tokens or res == 1024:
@@ -92,8 +102,9 @@ class Pixal3DPipeline:
     def __init__(self, models: dict[str, torch.nn.Module], encoders: dict[str, DinoV3ProjFeatureExtractor],
                  sampler_settings: dict[str, dict], shape_norm: Normalization, tex_norm: Normalization,
                  sigma_min: float = 1e-5, device: str | torch.device = "cpu", low_vram: bool = False):
-        missing = [k for k in FLOW_KEYS + DECODER_KEYS if k not in models] + \
-                  [k for k in ENCODER_KEYS if k not in encoders]
+        self.two_stage = "shape_slat_flow_model_1024" in models
+        available = set(models) | set(encoders)
+        missing = [k for k in (TWO_STAGE_KEYS if self.two_stage else SINGLE_STAGE_KEYS) if k not in available]
         if missing:
             raise ValueError(f"pipeline is missing models: {missing}")
         self.models = models
@@ -107,6 +118,13 @@ class Pixal3DPipeline:
         if not low_vram:
             for m in list(models.values()) + list(encoders.values()):
                 m.to(self.device)
+
+    @property
+    def resolutions(self) -> tuple[int, ...]:
+        """Decoded resolutions this pipeline offers: the official cascades, or the single-stage decoder's own."""
+        if self.two_stage:
+            return TWO_STAGE_RESOLUTIONS
+        return (SS_RESOLUTION * 2 ** self.models["shape_slat_decoder"].num_upsamplings,)
 
     # -- device placement ---------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -184,7 +202,7 @@ class Pixal3DPipeline:
 
     def sample_shape_hr(self, image, camera, coords, res, gen, overrides, progress, cancel, cache, trace):
         flow = self.models["shape_slat_flow_model_1024"]
-        cond, neg = self._condition("image_cond_model_shape_1024", image, camera, coords, res // 16, cache)
+        cond, neg = self._condition("image_cond_model_shape_1024", image, camera, coords, coords_grid(res), cache)
         noise = SparseTensor(torch.randn(coords.shape[0], flow.out_channels, generator=gen).to(self.device), coords)
         cond["proj"], neg["proj"] = noise.replace(cond["proj"]), noise.replace(neg["proj"])
         z = self._sample("shape", flow, noise, cond, neg, overrides, progress, cancel)
@@ -192,10 +210,12 @@ class Pixal3DPipeline:
                      cond_shape_hr_global=cond["global"], cond_shape_hr_proj=cond["proj"].feats)
         return z.replace(self.shape_norm.denormalize(z.feats))
 
-    def sample_texture(self, image, camera, shape_slat, res, gen, overrides, progress, cancel, cache, trace):
-        flow = self.models["tex_slat_flow_model_1024"]
+    def sample_texture(self, image, camera, shape_slat, grid, gen, overrides, progress, cancel, cache, trace):
+        """Texture latent on the shape latent's tokens, which lie on a `grid`^3 latent grid."""
+        suffix = "1024" if self.two_stage else "512"
+        flow = self.models[f"tex_slat_flow_model_{suffix}"]
         coords = shape_slat.coords
-        cond, neg = self._condition("image_cond_model_tex_1024", image, camera, coords, res // 16, cache)
+        cond, neg = self._condition(f"image_cond_model_tex_{suffix}", image, camera, coords, grid, cache)
         noise = shape_slat.replace(torch.randn(coords.shape[0], flow.out_channels, generator=gen).to(self.device))
         cond["proj"], neg["proj"] = noise.replace(cond["proj"]), noise.replace(neg["proj"])
         concat = shape_slat.replace(self.shape_norm.normalize(shape_slat.feats))
@@ -204,11 +224,12 @@ class Pixal3DPipeline:
                      cond_tex_global=cond["global"], cond_tex_proj=cond["proj"].feats)
         return z.replace(self.tex_norm.denormalize(z.feats))
 
-    def decode(self, shape_slat, tex_slat, res) -> VoxelMesh:
+    def decode(self, shape_slat, tex_slat, res, guide_subs=None) -> VoxelMesh:
+        """Shape and texture decoders; `guide_subs` forces the voxel hierarchy (benchmarks use an object's own)."""
         shape_dec, tex_dec = self.models["shape_slat_decoder"], self.models["tex_slat_decoder"]
         with self._on_device(shape_dec):
             shape_dec.set_resolution(res)
-            (mesh,), subs = shape_dec(shape_slat, return_subs=True)
+            (mesh,), subs = shape_dec(shape_slat, guide_subs=guide_subs, return_subs=True)
         with self._on_device(tex_dec):
             mesh.attrs = tex_dec(tex_slat, guide_subs=subs).feats * 0.5 + 0.5   # same voxels, same order
         return mesh
@@ -222,8 +243,8 @@ class Pixal3DPipeline:
         """`image` is RGBA with the object's alpha; with `preprocess` it is cropped as the official code does (the
         caller derives `camera` from the crop: `conditioning.preprocess.crop_geometry` and
         `camera.CropCamera`)."""
-        if resolution not in CASCADES:
-            raise ValueError(f"resolution must be one of {CASCADES}, got {resolution}")
+        if resolution not in self.resolutions:
+            raise ValueError(f"resolution must be one of {self.resolutions} for this model, got {resolution}")
         overrides = sampler_overrides or {}
         unknown = set(overrides) - set(self.sampler_settings)
         if unknown:
@@ -248,12 +269,17 @@ class Pixal3DPipeline:
         common = (gen, overrides, progress, should_cancel, cache, trace)
         coords32 = timed("sparse_structure", self.sample_sparse_structure, image, camera, *common)
         slat_lr = timed("shape_lr", self.sample_shape_lr, image, camera, coords32, *common)
-        coords_hr, res = timed("upsample", self.upsample_to_hr, slat_lr, resolution, max_num_tokens, trace)
-        shape_slat = timed("shape_hr", self.sample_shape_hr, image, camera, coords_hr, res, *common)
-        tex_slat = timed("texture", self.sample_texture, image, camera, shape_slat, res, *common)
+        if self.two_stage:
+            coords_hr, res = timed("upsample", self.upsample_to_hr, slat_lr, resolution, max_num_tokens, trace)
+            shape_slat = timed("shape_hr", self.sample_shape_hr, image, camera, coords_hr, res, *common)
+            grid = coords_grid(res)
+        else:
+            shape_slat, res, grid = slat_lr, resolution, SS_RESOLUTION
+        tex_slat = timed("texture", self.sample_texture, image, camera, shape_slat, grid, *common)
         if progress:
             progress("decode", 0, 1)
         mesh = timed("decode", self.decode, shape_slat, tex_slat, res)
-        tokens = {"ss": int(coords32.shape[0]), "hr": int(coords_hr.shape[0]), "voxels": int(mesh.coords.shape[0])}
+        tokens = {"ss": int(coords32.shape[0]), "shape": int(shape_slat.coords.shape[0]),
+                  "voxels": int(mesh.coords.shape[0])}
         return PipelineOutput(mesh=mesh, shape_slat=shape_slat, tex_slat=tex_slat, resolution=res,
                               timings=timings, tokens=tokens)

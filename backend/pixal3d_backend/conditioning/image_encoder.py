@@ -43,21 +43,24 @@ class DinoV3ProjFeatureExtractor(torch.nn.Module):
 
     The DINOv3 backbone comes from `dinov3_config` (a `DINOv3ViTConfig` dict: randomly initialised, for tests
     and for loading a state_dict) or from a local transformers folder (`dinov3_path`, or `model_name` when it
-    is a directory). Nothing is ever downloaded here.
+    is a directory). Nothing is ever downloaded here. A loader that builds the four official extractors passes
+    one shared backbone (`dinov3`) and NAF (`naf`) to all of them: one copy in memory, and `encode`'s cache
+    then runs DINOv3 once per image size.
     """
 
     def __init__(self, model_name: str = "camenduru/dinov3-vitl16-pretrain-lvd1689m", image_size: int = 512,
                  grid_resolution: int = 16, use_naf_upsample: bool = False, naf_target_size: int = 512,
-                 dinov3_config: dict | None = None, dinov3_path: str | None = None, naf_config: dict | None = None):
+                 dinov3_config: dict | None = None, dinov3_path: str | None = None, naf_config: dict | None = None,
+                 dinov3: DINOv3ViTModel | None = None, naf: NAF | None = None):
         super().__init__()
         del naf_config   # informational only (the NAF constructor is fixed: `NAF()` defaults)
         self.image_size = image_size
         self.grid_resolution = grid_resolution
         self.use_naf_upsample = use_naf_upsample
         self.naf_target_size = naf_target_size
-        self.model = self._build_dinov3(model_name, dinov3_config, dinov3_path)
+        self.model = dinov3 if dinov3 is not None else self._build_dinov3(model_name, dinov3_config, dinov3_path)
         self._register_load_state_dict_pre_hook(self._official_layer_keys)
-        self.naf_model = NAF() if use_naf_upsample else None
+        self.naf_model = (naf if naf is not None else NAF()) if use_naf_upsample else None
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN)[:, None, None], persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD)[:, None, None], persistent=False)
 

@@ -1,0 +1,210 @@
+"""`pixal3d bench`: the full-size Pixal3D architecture on a GPU, stage by stage.
+
+Random weights (unless `--model` names a snapshot) cannot produce a realistic object, so the token sets come from
+a procedural object instead (fixed seed): its surface voxels at 32^3 are the sparse structure, at G^3 the HR
+tokens, and the decoders are guided through the object's own voxel hierarchy down to 16 G, so every stage works
+on the token and voxel counts of a real object. The samplers run the official schedules (CFG, intervals), so the
+forward counts are the real ones.
+
+Prints one row per stage (time, tokens, forwards, achieved TFLOP/s against a measured bf16 matmul ceiling, peak
+memory) and writes JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .conditioning.image_encoder import DinoV3ProjFeatureExtractor
+from .conditioning.naf import NAF
+from .conditioning.proj_grid import ViewCamera
+from .models import build_model
+from .official import CHECKPOINTS, DINOV3_VITL16_CONFIG, ENCODER_STAGES
+from .pipeline import MAX_NUM_TOKENS, Normalization, Pixal3DPipeline
+from .sampler import STAGE_DEFAULTS
+from .sparse import SparseTensor
+from .sparse_conv import CoordinateIndex
+
+CHILD_OFFSETS = torch.tensor([[k & 1, (k >> 1) & 1, (k >> 2) & 1] for k in range(8)], dtype=torch.int32)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# a realistic sparse structure from a procedural object
+# ---------------------------------------------------------------------------------------------------------
+
+def object_structure(seed: int, resolution: int, device: torch.device):
+    """(image RGBA, ViewCamera, coords32 [N,4], hr coords [M,4], guide subdivisions for the decoders)."""
+    from .data import PosedObject, make_object, random_view, render_views, surface_samples
+    from .data.grid import surface_voxels
+
+    obj = make_object(seed, device=device)
+    field = obj.field(device)
+    view = random_view(surface_samples(field, 32).cpu().double().numpy(), np.random.default_rng(seed))
+    posed = PosedObject(field, view)
+    conditioning = render_views(field, [view], 512).conditioning[0]        # composited on black, as in training
+    image = Image.fromarray((conditioning.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy())
+    g = resolution // 16
+    start = 16 if g % 16 == 0 else 12                       # 96 = 12 * 2^3
+
+    def level(res):
+        c = surface_voxels(posed.sdf, res, device, start_resolution=start if res % start == 0 else 16)
+        return torch.cat([torch.zeros_like(c[:, :1]), c], 1).int()
+
+    coords32 = level(32)
+    hr = level(g)
+    subs, parents = [], hr
+    for s in range(4):
+        finer = CoordinateIndex(level(g * 2 ** (s + 1)))
+        children = (parents[:, None, 1:] * 2 + CHILD_OFFSETS.to(device)).reshape(-1, 3)
+        children = torch.cat([parents[:, :1].repeat_interleave(8, 0), children], 1)
+        keep = finer.find(children) >= 0
+        subs.append(SparseTensor(keep.view(-1, 8).float() * 2 - 1, parents))
+        parents = children[keep]
+    camera = ViewCamera(fov=view.fov, distance=view.distance, mesh_scale=view.mesh_scale)
+    return image, camera, coords32, hr, subs
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the full-size architecture with random weights
+# ---------------------------------------------------------------------------------------------------------
+
+def random_pipeline(device: torch.device, low_vram: bool = False) -> Pixal3DPipeline:
+    from transformers import DINOv3ViTConfig, DINOv3ViTModel
+
+    build_on = torch.device("cpu") if low_vram else device
+    with build_on:
+        torch.manual_seed(0)
+        models = {key: build_model(cfg).eval() for key, (_, cfg) in CHECKPOINTS.items()}
+        backbone = DINOv3ViTModel(DINOv3ViTConfig(**DINOV3_VITL16_CONFIG)).eval()
+        naf = NAF().eval()
+    encoders = {key: DinoV3ProjFeatureExtractor(dinov3=backbone, naf=naf, **stage)
+                for key, stage in ENCODER_STAGES.items()}
+    unit = Normalization(torch.zeros(32), torch.ones(32))
+    return Pixal3DPipeline(models, encoders, {k: dict(v) for k, v in STAGE_DEFAULTS.items()}, unit, unit,
+                           device=device, low_vram=low_vram)
+
+
+def flow_flops(model: torch.nn.Module, tokens: int, context: int = 5) -> float:
+    """Multiply-adds x 2 of one forward of a flow transformer on `tokens` tokens (linear layers + attention)."""
+    c, blocks = model.model_channels, len(model.blocks)
+    hidden = model.blocks[0].mlp.mlp[0].out_features
+    proj_in = model.blocks[0].cross_attn.proj_linear.in_features
+    per_token = blocks * (3 * c * c + c * c + c * c + c * c + proj_in * c + 2 * c * hidden)
+    attention = blocks * (2 * tokens * tokens * c + 2 * tokens * context * c)
+    return 2.0 * (per_token * tokens + attention + 2 * blocks * context * 1024 * c)
+
+
+def matmul_ceiling(device: torch.device, n: int = 8192, repeats: int = 20) -> float:
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    torch.cuda.synchronize(device)
+    return 2 * n ** 3 * repeats / (time.perf_counter() - t0) / 1e12
+
+
+class ForwardCounter:
+    """Counts forwards and their FLOPs on a flow model (a forward hook: no change to the model)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model, self.calls, self.flops = model, 0, 0.0
+        self.handle = model.register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output):
+        x = args[0]
+        tokens = x.feats.shape[0] if isinstance(x, SparseTensor) else math.prod(x.shape[2:])
+        self.calls += 1
+        self.flops += flow_flops(module, tokens)
+
+    def close(self):
+        self.handle.remove()
+
+
+def run_bench(resolution: int, device: torch.device, seed: int = 0, low_vram: bool = False,
+              pipe: Pixal3DPipeline | None = None) -> dict:
+    pipe = pipe or random_pipeline(device, low_vram)
+    image, camera, coords32, hr, subs = object_structure(seed, resolution, device)
+    rows, cache, trace = [], {}, {}
+    gen = torch.Generator().manual_seed(seed)
+    common = (gen, {}, None, None, cache, trace)
+
+    def stage(name, fn, *args, flow=None, tokens=0):
+        counter = ForwardCounter(pipe.models[flow]) if flow else None
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        t0 = time.perf_counter()
+        out = fn(*args)
+        torch.cuda.synchronize(device)
+        dt = time.perf_counter() - t0
+        row = {"stage": name, "seconds": dt, "tokens": tokens,
+               "peak_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30}
+        if counter:
+            counter.close()
+            row.update(forwards=counter.calls, tflop=counter.flops / 1e12, tflops_per_s=counter.flops / dt / 1e12)
+        rows.append(row)
+        return out
+
+    with torch.no_grad():
+        stage("sparse_structure", pipe.sample_sparse_structure, image, camera, *common,
+              flow="sparse_structure_flow_model", tokens=16 ** 3)
+        slat_lr = stage("shape_lr", pipe.sample_shape_lr, image, camera, coords32, *common,
+                        flow="shape_slat_flow_model_512", tokens=coords32.shape[0])
+        stage("upsample", pipe.upsample_to_hr, slat_lr, resolution, MAX_NUM_TOKENS, trace, tokens=coords32.shape[0])
+        shape = stage("shape_hr", pipe.sample_shape_hr, image, camera, hr, resolution, *common,
+                      flow="shape_slat_flow_model_1024", tokens=hr.shape[0])
+        tex = stage("texture", pipe.sample_texture, image, camera, shape, resolution // 16, *common,
+                    flow="tex_slat_flow_model_1024", tokens=hr.shape[0])
+        mesh = stage("decode", pipe.decode, shape, tex, resolution, subs, tokens=hr.shape[0])
+    total = sum(r["seconds"] for r in rows)
+    return {"resolution": resolution, "low_vram": low_vram, "rows": rows, "total_seconds": total,
+            "neural_seconds": total, "decoded_voxels": int(mesh.coords.shape[0]),
+            "faces": int(mesh.faces.shape[0]), "peak_gib": max(r["peak_gib"] for r in rows)}
+
+
+def print_table(result: dict, ceiling: float) -> None:
+    print(f"\n== resolution {result['resolution']}{' (low VRAM)' if result['low_vram'] else ''}: "
+          f"{result['decoded_voxels']:,} decoded voxels, {result['faces']:,} faces ==")
+    print(f"{'stage':<18}{'s':>8}{'tokens':>9}{'fwd':>5}{'TFLOP/s':>9}{'% ceil':>8}{'peak GiB':>10}")
+    for r in result["rows"]:
+        tf = r.get("tflops_per_s")
+        print(f"{r['stage']:<18}{r['seconds']:>8.2f}{r['tokens']:>9,}{r.get('forwards', ''):>5}"
+              f"{(f'{tf:.0f}' if tf else ''):>9}{(f'{100 * tf / ceiling:.0f}' if tf else ''):>8}"
+              f"{r['peak_gib']:>10.2f}")
+    print(f"{'total':<18}{result['total_seconds']:>8.2f}{'':>31}{result['peak_gib']:>10.2f}")
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="pixal3d bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--resolution", type=int, nargs="+", default=[1024, 1536])
+    p.add_argument("--seed", type=int, default=0, help="procedural object seed")
+    p.add_argument("--low-vram", action="store_true")
+    p.add_argument("--json", type=Path, help="write the results here")
+    a = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("pixal3d bench needs a CUDA GPU")
+    device = torch.device("cuda")
+    ceiling = matmul_ceiling(device)
+    print(f"{torch.cuda.get_device_name(device)}: measured bf16 matmul ceiling {ceiling:.0f} TFLOP/s")
+    pipe = random_pipeline(device, a.low_vram)
+    results = []
+    for res in a.resolution:
+        run_bench(res, device, a.seed, a.low_vram, pipe)           # warm-up (kernels, allocator, caches)
+        result = run_bench(res, device, a.seed, a.low_vram, pipe)
+        print_table(result, ceiling)
+        results.append(result)
+    if a.json:
+        a.json.write_text(json.dumps({"device": torch.cuda.get_device_name(device), "torch": torch.__version__,
+                                      "host": platform.node(), "ceiling_tflops": ceiling, "results": results},
+                                     indent=1))
+    return 0

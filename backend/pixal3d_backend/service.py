@@ -1,0 +1,178 @@
+"""Generation service: a protocol request -> pipeline -> export -> protocol result.
+
+`Generator` is what the server runs for each job, and what `pixal3d generate` runs in-process. It owns the one
+translation between the wire's view of a camera (the full image's intrinsics) and the model's (the square crop
+around the object): `camera.CropCamera`, whose `glb_to_camera` places the result back in the source camera.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import io
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from . import __version__, protocol
+from .camera import CropCamera
+from .conditioning.preprocess import crop_geometry
+from .conditioning.proj_grid import ViewCamera
+from .export import ExportedAsset, ExportOptions, GlbCamera, export_asset, write_glb
+from .loading import LoadedModel, load_model
+from .protocol import ErrorCode, Options, ProtocolError, Result, SubmitRequest, View
+from .sampler import Cancelled
+
+
+def png_bytes(pixels: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG", compress_level=1)   # speed over size: it goes over loopback
+    return buf.getvalue()
+
+
+def sampler_overrides(options: Options) -> dict[str, dict]:
+    return {"sparse_structure": {"steps": options.ss_steps, "guidance_strength": options.ss_guidance},
+            "shape": {"steps": options.shape_steps, "guidance_strength": options.shape_guidance},
+            "texture": {"steps": options.tex_steps, "guidance_strength": options.tex_guidance}}
+
+
+class Generator:
+    def __init__(self, model: LoadedModel):
+        self.model = model
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.pipeline.device
+
+    def capabilities(self) -> dict:
+        dev = self.device
+        if dev.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(dev)
+            name = torch.cuda.get_device_name(dev)
+        else:
+            free, name = None, "cpu"
+        return {"device": name, "free_memory_bytes": free, "model_id": self.model.model_id,
+                "model_hash": self.model.model_hash, "resolutions": list(self.model.resolutions),
+                "max_views": 1, "multiview": False}
+
+    def _view_camera(self, view: View, image: Image.Image) -> CropCamera:
+        cam = view.camera
+        if (cam.width, cam.height) != image.size:
+            raise ProtocolError(ErrorCode.BAD_CAMERA, f"the camera is {cam.width}x{cam.height} but the image is "
+                                                      f"{image.width}x{image.height}; send the camera of this image")
+        geometry = crop_geometry(image)
+        return CropCamera.from_crop(cam.intrinsics(), *geometry.center, geometry.size)
+
+    def run(self, request: SubmitRequest, on_progress, should_cancel) -> "Generation":
+        """The whole job: pipeline + export. Cancellation (between sampler steps) raises CANCELLED."""
+        view = request.views[0]
+        options = request.options
+        image = Image.open(io.BytesIO(view.image_png))
+        image.load()
+        crop = self._view_camera(view, image)
+        t0 = time.perf_counter()
+        try:
+            out = self.model.pipeline.run(
+                image, ViewCamera(fov=crop.fov, distance=crop.distance), seed=options.seed,
+                resolution=options.resolution, sampler_overrides=sampler_overrides(options),
+                progress=on_progress, should_cancel=should_cancel)
+            on_progress("export", 0, 1)
+            asset = export_asset(out.mesh.vertices, out.mesh.faces, out.mesh.coords, out.mesh.attrs,
+                                 out.resolution, ExportOptions(face_target=options.face_target,
+                                                               remesh=options.remesh,
+                                                               texture_size=options.texture_size,
+                                                               normal_map=options.normal_map),
+                                 device=self.device)
+        except Cancelled:
+            raise ProtocolError(ErrorCode.CANCELLED, "the job was cancelled") from None
+        metadata = {"model_id": self.model.model_id, "model_hash": self.model.model_hash,
+                    "backend_version": __version__, "seed": options.seed, "resolution": out.resolution,
+                    "alpha_mode": asset.alpha_mode, "tokens": out.tokens, "crop_fov": crop.fov,
+                    "timings_s": {**{k: round(v, 3) for k, v in out.timings.items()},
+                                  **{f"export_{k}": round(v, 3) for k, v in asset.timings.items()},
+                                  "total": round(time.perf_counter() - t0, 3)}}
+        return Generation(asset, crop, metadata)
+
+    def generate(self, request: SubmitRequest, on_progress, should_cancel) -> Result:
+        return self.run(request, on_progress, should_cancel).to_result()
+
+
+@dataclass
+class Generation:
+    asset: ExportedAsset
+    crop: CropCamera
+    metadata: dict
+
+    def to_result(self) -> Result:
+        a = self.asset
+        maps = {"base_color": png_bytes(a.base_color), "metallic_roughness": png_bytes(a.metallic_roughness)}
+        if a.normal_map is not None:
+            maps["normal"] = png_bytes(a.normal_map)
+        return Result(positions=a.positions, faces=a.faces, uvs=a.uvs, normals=a.normals, maps=maps,
+                      glb_to_camera=self.crop.glb_to_camera(), metadata=self.metadata)
+
+    def glb_camera(self) -> GlbCamera:
+        """The model's own (centred) view of the crop: glTF cameras cannot hold the off-axis shear."""
+        centred = dataclasses.replace(self.crop, shear_x=0.0, shear_y=0.0)
+        return GlbCamera(centred.glb_to_camera(), yfov=self.crop.fov)
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def create_generator(args: argparse.Namespace) -> Generator:
+    """Used by `pixal3d serve`: loads the model once; the server keeps it warm between jobs."""
+    model = load_model(args.model, device=args.device or default_device(), low_vram=args.low_vram,
+                       dinov3_path=getattr(args, "dinov3", None), naf_path=getattr(args, "naf", None))
+    return Generator(model)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# `pixal3d generate`: one image -> GLB, in this process
+# ---------------------------------------------------------------------------------------------------------
+
+def generate_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="pixal3d generate", description="Generate a textured GLB from one RGBA image "
+                                "(the object's alpha is its mask) with the bundled default model or a snapshot.")
+    p.add_argument("image", type=Path, help="RGBA PNG with the object's alpha")
+    p.add_argument("-o", "--output", type=Path, help="GLB path (default: the image's name with .glb)")
+    p.add_argument("--fov", type=float, default=40.0, help="horizontal field of view of the photo, degrees")
+    p.add_argument("--model", help="snapshot folder or Hugging Face repo id in the local cache; default: the bundled "
+                   "default model")
+    p.add_argument("--dinov3", help="local DINOv3 ViT-L/16 folder (official models only)")
+    p.add_argument("--naf", help="local naf_release.pth (official models only)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--low-vram", action="store_true")
+    for f in Options.__dataclass_fields__.values():
+        if f.name != "low_vram":
+            p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default) if not isinstance(f.default, bool)
+                           else (lambda s: s.lower() in ("1", "true", "yes", "on")), default=None,
+                           help=f.metadata.get("doc"))
+    a = p.parse_args(argv)
+    image = Image.open(a.image)
+    if image.mode != "RGBA":
+        image = image.convert("RGBA")
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    model = load_model(a.model, device=a.device or default_device(), low_vram=a.low_vram, dinov3_path=a.dinov3,
+                       naf_path=a.naf)
+    overrides = {name: getattr(a, name) for name in Options.__dataclass_fields__
+                 if name != "low_vram" and getattr(a, name) is not None}
+    options = Options(**{**model.default_options, **overrides})
+    camera = protocol.Camera(hfov=np.radians(a.fov), width=image.width, height=image.height, c2w=np.eye(4))
+    request = protocol.check(SubmitRequest([View(buf.getvalue(), camera)], options))
+
+    def report(stage, step, total):
+        print(f"\r{stage:>16} {step}/{total}", end="", file=sys.stderr, flush=True)
+
+    generation = Generator(model).run(request, report, lambda: False)
+    print(file=sys.stderr)
+    out = a.output or a.image.with_suffix(".glb")
+    write_glb(generation.asset, out, camera=generation.glb_camera())
+    print(f"wrote {out} ({len(generation.asset.faces)} faces, {generation.metadata['timings_s']['total']:.1f} s)")
+    return 0
