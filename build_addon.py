@@ -71,12 +71,18 @@ def download_wheel(directory: Path, platform: str, python: str) -> Path:
     return wheel
 
 
-def collect_wheels(platforms: list[str], wheels_dir: Path | None, download_dir: Path) -> list[Path]:
+def collect_wheels(platforms: list[str], wheels_dir: Path | None, download_dir: Path | None) -> list[Path]:
+    """The wheels for every platform and Python, from `wheels_dir`, else downloaded into `download_dir`
+    (None: offline, a missing wheel is an error)."""
     wheels: dict[str, Path] = {}
     for platform in platforms:
         for python in PYTHONS:
             wheel = (find_wheel(wheels_dir, platform, python) if wheels_dir else None) \
-                or find_wheel(download_dir, platform, python) or download_wheel(download_dir, platform, python)
+                or (download_dir and (find_wheel(download_dir, platform, python)
+                                      or download_wheel(download_dir, platform, python)))
+            if not wheel:
+                raise SystemExit(f"no {PYZMQ} wheel for {platform}, Python {python} in {wheels_dir} (offline build); "
+                                 f"fetch them with: python build_addon.py --fetch-only --wheels-dir {wheels_dir}")
             wheels[wheel.name] = wheel        # universal2 wheels serve both macOS platforms
     return [wheels[name] for name in sorted(wheels)]
 
@@ -92,13 +98,13 @@ def manifest_text(source: str, wheels: list[Path], platforms: list[str]) -> str:
     return text
 
 
-def build(output_dir: Path, platforms: list[str], wheels_dir: Path | None) -> Path:
+def build(output_dir: Path, platforms: list[str], wheels_dir: Path | None, offline: bool = False) -> Path:
     source = (ADDON_DIR / "blender_manifest.toml").read_text()
     manifest = tomllib.loads(source)
     output_dir.mkdir(parents=True, exist_ok=True)
     target = output_dir / f"{manifest['id']}-{manifest['version']}.zip"
     with tempfile.TemporaryDirectory(prefix="pixal3d-wheels-") as download_dir:
-        wheels = collect_wheels(platforms, wheels_dir, Path(download_dir))
+        wheels = collect_wheels(platforms, wheels_dir, None if offline else Path(download_dir))
         with zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as archive:
             for path in sorted(ADDON_DIR.rglob("*")):
                 relative = path.relative_to(ADDON_DIR)
@@ -123,8 +129,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--platforms", nargs="+", choices=sorted(PLATFORMS), default=list(PLATFORMS),
                         help="Blender platforms to bundle pyzmq wheels for (default: all)")
     parser.add_argument("--wheels-dir", type=Path, help="folder with the pyzmq wheels; missing ones are downloaded")
+    parser.add_argument("--offline", action="store_true", help="never download: every wheel must be in --wheels-dir")
+    parser.add_argument("--fetch-only", action="store_true", help="only download the wheels into --wheels-dir")
     args = parser.parse_args(argv)
-    print(build(args.output_dir, args.platforms, args.wheels_dir))
+    if args.fetch_only:
+        if args.wheels_dir is None:
+            parser.error("--fetch-only needs --wheels-dir")
+        args.wheels_dir.mkdir(parents=True, exist_ok=True)
+        print("\n".join(str(w) for w in collect_wheels(args.platforms, args.wheels_dir, args.wheels_dir)))
+        return 0
+    print(build(args.output_dir, args.platforms, args.wheels_dir, args.offline))
     return 0
 
 

@@ -8,3 +8,5 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install -q --disable-pip-version-check \
     "torch==2.13.0" -e "backend[spconv]" "transformers==4.57.3" \
     "pytest>=8" "hypothesis>=6" "bpy==4.2.*"
+# The pyzmq wheels the add-on bundles, for the offline packaging test (fetched here, at install time).
+.venv/bin/python build_addon.py --fetch-only --platforms linux-x64 --wheels-dir .cache/wheels > /dev/null

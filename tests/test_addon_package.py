@@ -34,9 +34,12 @@ with open(report, "w") as f:
 
 @pytest.fixture(scope="module")
 def linux_zip(tmp_path_factory):
-    """The add-on built for linux-x64 only (pip downloads the two wheels from PyPI: the test's one network use)."""
+    """The add-on built offline for linux-x64 from the wheels `setup.sh` fetched (tests never use the network)."""
+    wheels = REPO / ".cache" / "wheels"
+    if not any(wheels.glob("pyzmq-*.whl")):
+        pytest.fail(f"no pyzmq wheels in {wheels}: run ./setup.sh, which fetches them")
     out = tmp_path_factory.mktemp("dist")
-    return build_addon.build(out, ["linux-x64"], None)
+    return build_addon.build(out, ["linux-x64"], wheels, offline=True)
 
 
 def test_zip_layout_and_manifest(linux_zip):
