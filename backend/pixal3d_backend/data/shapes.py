@@ -45,8 +45,8 @@ PRIMITIVE_NAMES = tuple(_PRIMITIVES)
 @dataclass(frozen=True)
 class Part:
     """One primitive of the CSG program. `params` are the primitive's numbers (see `sdf.py` signatures, in
-    order); `profile` is the polygon of `extrusion` or the axis-to-axis chain of `lathe`. The cut surface of `subtract` and the
-    intersection surface of `intersect` take this part's material."""
+    order); `profile` is the polygon of `extrusion` or the axis-to-axis chain of `lathe`. The cut surface
+    of `subtract` and the intersection surface of `intersect` take this part's material."""
     primitive: str
     params: tuple[float, ...]
     rotation: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)   # row-major 3x3, local -> object

@@ -23,12 +23,9 @@ what a mesher needs to orient each quad outwards.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..mesh import flexible_dual_grid_to_mesh
 from .grid import lattice_points, project_to_surface, surface_voxels, voxel_centers

@@ -39,9 +39,6 @@ class View:
     lighting: Lighting
     mesh_scale: float = 1.0
 
-    def model_to_object(self, v: np.ndarray) -> np.ndarray:
-        return (v @ self.rotation) / self.scale
-
 
 def rotation_x(angle: float) -> np.ndarray:
     c, s = math.cos(angle), math.sin(angle)
