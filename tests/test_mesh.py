@@ -1,7 +1,7 @@
 """Flexible-dual-grid meshing and small-hole filling (no fixture covers hole filling: properties only)."""
 import torch
 
-from pixal3d_backend.mesh import fill_small_holes, flexible_dual_grid_to_mesh
+from pixal3d_backend.mesh import VoxelMesh, fill_small_holes, flexible_dual_grid_to_mesh, orient_outward
 
 
 def _undirected_edge_counts(faces):
@@ -152,3 +152,37 @@ def test_fills_holes_of_a_raw_fdg_mesh_with_inconsistent_orientation():
     v2, f2 = fill_small_holes(v, holed, max_hole_perimeter=4.5 / 16)
     assert f2.shape[0] == holed.shape[0] + 4                   # a 4-edge hole -> a fan of 4
     assert bool((_undirected_edge_counts(f2) == 2).all())
+
+
+def _signed_volume(vertices, faces):
+    a, b, c = vertices[faces.long()].unbind(1)
+    return float((a * torch.cross(b, c, dim=1)).sum() / 6)
+
+
+def test_orient_outward_makes_a_torus_and_a_nested_shell_consistent():
+    """Official winding is per axis (about half the faces point in); parity along lattice lines fixes it, also for
+    a hollow object (a sphere inside a sphere) whose inner shell must face inward, towards the cavity."""
+    res, torus_major, torus_minor = 32, 0.25, 0.1
+    g = torch.arange(res + 1, dtype=torch.float32) / res - 0.5
+    p = torch.stack(torch.meshgrid(g, g, g, indexing="ij"), -1)
+    torus = (torch.stack([p[..., :2].norm(dim=-1) - torus_major, p[..., 2]], -1).norm(dim=-1) - torus_minor)
+    shell = torch.maximum(p.norm(dim=-1) - 0.4, 0.2 - p.norm(dim=-1))
+    for sdf, volume in ((torus, 2 * torch.pi ** 2 * torus_major * torus_minor ** 2),
+                        (shell, 4 / 3 * torch.pi * (0.4 ** 3 - 0.2 ** 3))):
+        inside = sdf < 0
+        coords = torch.stack(torch.meshgrid(*[torch.arange(res)] * 3, indexing="ij"), -1).reshape(-1, 3)
+        hi = coords + 1
+        flags = []
+        for axis in range(3):
+            lo = hi.clone()
+            lo[:, axis] -= 1
+            flags.append(inside[tuple(lo.T)] != inside[tuple(hi.T)])
+        flags = torch.stack(flags, 1)
+        n = coords.shape[0]                    # every voxel of the grid: each flagged quad has its 4 voxels
+        vertices, faces = flexible_dual_grid_to_mesh(coords, torch.full((n, 3), 0.5), flags, torch.ones(n), res)
+        raw = VoxelMesh(vertices, faces, coords.int(), None, 1 / res)
+        assert not _is_closed_and_oriented(raw.faces)                    # the official winding is not consistent
+        oriented = orient_outward(raw)
+        assert _is_closed_and_oriented(oriented.faces)
+        assert torch.equal(oriented.faces.sort(1).values, raw.faces.sort(1).values)   # same triangles
+        assert abs(_signed_volume(vertices, oriented.faces) - volume) < 0.1 * volume

@@ -6,6 +6,7 @@ the dual vertices of the 4 voxels around that edge, split into two triangles alo
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -63,6 +64,39 @@ def flexible_dual_grid_to_mesh(coords: torch.Tensor, vertex_offsets: torch.Tenso
     along_02 = (w[:, 0] * w[:, 2] > w[:, 1] * w[:, 3]).unsqueeze(1)
     faces = torch.where(along_02, quads[:, _SPLIT_02.to(device)], quads[:, _SPLIT_13.to(device)])
     return vertices, faces.reshape(-1, 3).int()
+
+
+def orient_outward(mesh: VoxelMesh) -> VoxelMesh:
+    """The same mesh with every face wound outward (counter-clockwise seen from outside).
+
+    The official mesher winds each quad by its axis alone (its normal always points along -axis), so on a closed
+    surface about half the faces point inward. Which way a quad should face follows from parity: along any lattice
+    line the surface is crossed an even number of times, entering the object at the 1st, 3rd, ... crossing and
+    leaving it at the 2nd, 4th, ... A quad whose primal edge leaves the object (inside at its lower end) must face
+    +axis and is flipped. The primal edge of a face is recovered from its voxels (one mesh vertex per voxel): the
+    three share their coordinate along the quad's axis `a`, and their minimum in the two other axes is the flagged
+    voxel `c`, whose edge runs from `c_a` to `c_a + 1` on the lattice line through `c + 1` in those axes.
+    Meshes that are not closed along a line get that line's crossings paired in order, the best guess there.
+    """
+    faces = mesh.faces.long()
+    if faces.numel() == 0:
+        return mesh
+    corners = mesh.coords.long()[faces]                                   # [F, 3 vertices, 3 axes]
+    lo, hi = corners.min(1).values, corners.max(1).values
+    axis = (lo == hi).long().argmax(1)                                     # the axis the quad's voxels share
+    other = torch.stack([(axis + 1) % 3, (axis + 2) % 3], 1)
+    line = lo.gather(1, other) + 1                                         # lattice line of the primal edge
+    position = lo.gather(1, axis[:, None]).squeeze(1)
+    size = int(mesh.coords.max()) + 3
+    line_key = (axis * size + line[:, 0]) * size + line[:, 1]
+    edge_key = line_key * size + position
+    edges, face_edge = torch.unique(edge_key, return_inverse=True)         # sorted: by line, then position
+    edge_line = edges // size
+    first = torch.searchsorted(edge_line, edge_line)                       # index of each line's first crossing
+    leaves = (torch.arange(len(edges), device=edges.device) - first) % 2 == 1
+    flip = leaves[face_edge]
+    oriented = torch.where(flip[:, None], faces[:, [0, 2, 1]], faces).to(mesh.faces.dtype)
+    return dataclasses.replace(mesh, faces=oriented)
 
 
 def _component_labels(num_nodes: int, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

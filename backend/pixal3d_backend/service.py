@@ -24,6 +24,7 @@ from .conditioning.preprocess import crop_geometry
 from .conditioning.proj_grid import ViewCamera
 from .export import ExportedAsset, ExportOptions, GlbCamera, export_asset, write_glb
 from .loading import LoadedModel, load_model
+from .mesh import orient_outward
 from .protocol import ErrorCode, Options, ProtocolError, Result, SubmitRequest, View
 from .sampler import Cancelled
 
@@ -81,7 +82,8 @@ class Generator:
                 resolution=options.resolution, sampler_overrides=sampler_overrides(options),
                 progress=on_progress, should_cancel=should_cancel)
             on_progress("export", 0, 1)
-            asset = export_asset(out.mesh.vertices, out.mesh.faces, out.mesh.coords, out.mesh.attrs,
+            mesh = orient_outward(out.mesh)        # the official mesher's winding is per axis, not per side
+            asset = export_asset(mesh.vertices, mesh.faces, mesh.coords, mesh.attrs,
                                  out.resolution, ExportOptions(face_target=options.face_target,
                                                                remesh=options.remesh,
                                                                texture_size=options.texture_size,

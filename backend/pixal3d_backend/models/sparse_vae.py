@@ -80,8 +80,11 @@ class SparseResBlockC2S3d(nn.Module):
             self.to_subdiv = nn.Linear(channels, 8)
 
     def subdivision(self, x: SparseTensor, guide: SparseTensor | None) -> SparseTensor | None:
-        """The subdivision logits [N, 8] (child kept iff > 0): predicted, or the guide's, or None (keep all)."""
-        return x.replace(self.to_subdiv(x.feats)) if self.pred_subdiv else guide
+        """The subdivision logits [N, 8] (child kept iff > 0): the guide's when given (the texture decoder follows
+        the shape decoder; benchmarks force an object's own hierarchy), else predicted, else None (keep all)."""
+        if guide is not None:
+            return guide
+        return x.replace(self.to_subdiv(x.feats)) if self.pred_subdiv else None
 
     def forward(self, x: SparseTensor, subdiv: SparseTensor | None) -> SparseTensor:
         keep = None if subdiv is None else subdiv.feats > 0
@@ -129,8 +132,6 @@ class SparseUnetVaeDecoder(nn.Module):
         return len(self.blocks) - 1
 
     def _check_guide(self, guide_subs):
-        if guide_subs is not None and self.pred_subdiv:
-            raise ValueError("guide_subs is for decoders built with pred_subdiv=False (the texture decoder)")
         if guide_subs is not None and len(guide_subs) != self.num_upsamplings:
             raise ValueError(f"expected {self.num_upsamplings} guide subdivisions, got {len(guide_subs)}")
 
