@@ -75,17 +75,19 @@ def object_structure(seed: int, resolution: int, device: torch.device):
 # the full-size architecture with random weights
 # ---------------------------------------------------------------------------------------------------------
 
-def random_pipeline(device: torch.device, low_vram: bool = False) -> Pixal3DPipeline:
+def random_pipeline(device: torch.device, low_vram: bool = False, checkpoints: dict = CHECKPOINTS,
+                    dinov3_config: dict = DINOV3_VITL16_CONFIG, stages: dict = ENCODER_STAGES) -> Pixal3DPipeline:
+    """The official architecture (or other configs of the same classes, for tests) with random weights."""
     from transformers import DINOv3ViTConfig, DINOv3ViTModel
 
     build_on = torch.device("cpu") if low_vram else device
     with build_on:
         torch.manual_seed(0)
-        models = {key: build_model(cfg).eval() for key, (_, cfg) in CHECKPOINTS.items()}
-        backbone = DINOv3ViTModel(DINOv3ViTConfig(**DINOV3_VITL16_CONFIG)).eval()
+        models = {key: build_model(cfg).eval() for key, (_, cfg) in checkpoints.items()}
+        backbone = DINOv3ViTModel(DINOv3ViTConfig(**dinov3_config)).eval()
         naf = NAF().eval()
     encoders = {key: DinoV3ProjFeatureExtractor(dinov3=backbone, naf=naf, **stage)
-                for key, stage in ENCODER_STAGES.items()}
+                for key, stage in stages.items()}
     unit = Normalization(torch.zeros(32), torch.ones(32))
     return Pixal3DPipeline(models, encoders, {k: dict(v) for k, v in STAGE_DEFAULTS.items()}, unit, unit,
                            device=device, low_vram=low_vram)
@@ -99,6 +101,15 @@ def flow_flops(model: torch.nn.Module, tokens: int, context: int = 5) -> float:
     per_token = blocks * (3 * c * c + c * c + c * c + c * c + proj_in * c + 2 * c * hidden)
     attention = blocks * (2 * tokens * tokens * c + 2 * tokens * context * c)
     return 2.0 * (per_token * tokens + attention + 2 * blocks * context * 1024 * c)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    return torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else float("nan")
 
 
 def matmul_ceiling(device: torch.device, n: int = 8192, repeats: int = 20) -> float:
@@ -141,14 +152,14 @@ def run_bench(resolution: int, device: torch.device, seed: int = 0, low_vram: bo
 
     def stage(name, fn, *args, flow=None, tokens=0):
         counter = ForwardCounter(pipe.models[flow]) if flow else None
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
+        synchronize(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         t0 = time.perf_counter()
         out = fn(*args)
-        torch.cuda.synchronize(device)
+        synchronize(device)
         dt = time.perf_counter() - t0
-        row = {"stage": name, "seconds": dt, "tokens": tokens,
-               "peak_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30}
+        row = {"stage": name, "seconds": dt, "tokens": tokens, "peak_gib": peak_memory_gib(device)}
         if counter:
             counter.close()
             row.update(forwards=counter.calls, tflop=counter.flops / 1e12, tflops_per_s=counter.flops / dt / 1e12)
