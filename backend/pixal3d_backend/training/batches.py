@@ -6,8 +6,8 @@ One example is one *view* of a procedural object, because the object is posed in
 
 Generating a view costs ~0.1 s of flexible-dual-grid targets at 256^3 plus ~0.2 s of rendering on an H200 (it is
 latency-bound, not throughput-bound), far slower than a training step of the small model. Each stage therefore
-first fills a pool (several worker processes share the GPU), then trains on random minibatches of it; the
-pool is regenerated identically on resume.
+first fills a pool (optionally in worker processes), then trains on random minibatches of it; the pool is
+regenerated identically on resume.
 
 The sparse structure is derived from the flexible-dual-grid voxels (the 64^3 cells that contain them), so the
 32^3 cells it max-pools to are exactly the tokens the shape and texture latents live on.

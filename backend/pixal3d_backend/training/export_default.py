@@ -8,8 +8,8 @@ Snapshot (loaded by `loading.Snapshot`, every checkpoint strictly):
     pipeline.json        {"name", "args": {"models", the three samplers, shape/tex normalisation, ...}} plus our
                          keys: "cascade" (single-stage 512 cascade), "decoded_resolution", "image_cond_models"
     ckpts/<name>.json    {"name": <official class>, "args": ...}: the config each network was trained with
-    ckpts/<name>.safetensors   the EMA weights, floating tensors in fp16 (the networks run in fp32 after the
-                         loader's cast; fp16 storage halves the size, the round-off is ~1e-3 relative)
+    ckpts/<name>.safetensors   the stages' EMA weights as trained stored them, in fp16 (the networks run in fp32
+                         after the loader's cast; fp16 storage halves the size, the round-off is ~1e-3 relative)
     MODEL_CARD.md        generated from the runs' logs and the evaluation results; nothing is filled in by hand
 
 The DINOv3 blocks are written under their official names `model.layer.*` whatever transformers version
@@ -47,19 +47,12 @@ SAMPLERS = {"sparse_structure_sampler": "sparse_structure", "shape_slat_sampler"
 SHIPPING_STAGES = ("ss_vae", "shape_vae", "tex_vae", "ss_flow", "shape_flow", "tex_flow")
 
 
-def storage(key: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """fp16 floating tensors (complex buffers as they are) under the official key names."""
-    out = {}
-    for name, t in tensors.items():
-        if key.startswith("image_cond_model") and name.startswith("model.model.layer."):
-            name = "model.layer." + name[len("model.model.layer."):]
-        if t.is_floating_point():
-            half = t.half()
-            if not torch.isfinite(half).all():
-                raise ValueError(f"{key}.{name} does not fit in fp16")
-            t = half
-        out[name] = t.contiguous()
-    return out
+def official_names(key: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """DINOv3 blocks under their official (transformers 4.x) names; every other key unchanged."""
+    if not key.startswith("image_cond_model"):
+        return tensors
+    nested = "model.model.layer."
+    return {("model.layer." + k[len(nested):]) if k.startswith(nested) else k: v for k, v in tensors.items()}
 
 
 def pipeline_json(normalization: dict, decoded_resolution: int) -> dict:
@@ -150,7 +143,7 @@ def export(run: Path, evaluation: dict, out: Path = DEFAULT_DIR) -> Path:
         normalization.update(meta["normalization"])
         for key in trained_keys(stage):
             if key in CKPT_NAMES:
-                weights[key] = storage(key, prefixed(tensors, key))
+                weights[key] = official_names(key, prefixed(tensors, key))
                 models[key] = meta["configs"][key]
     (out / "ckpts").mkdir(parents=True, exist_ok=True)
     sizes = {}

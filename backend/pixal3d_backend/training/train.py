@@ -7,8 +7,9 @@
 (the documented 25-minute H200 split). Per stage, `DIR/<stage>/` holds:
 
     state.pt              everything needed to continue (weights, EMA, AdamW, step, pool size); atomic writes
-    weights.safetensors   the EMA weights of the stage's networks (what later stages and the export read),
-                          with the latent normalisation of the shape/texture VAEs in its metadata
+    weights.safetensors   the EMA weights of the stage's networks in fp16 (what later stages and the export read;
+                          small enough to come back from a device run), with the networks' configs and the
+                          latent normalisation of the shape/texture VAEs in its metadata
     log.jsonl             one JSON object per line: pool generation, losses every `log_every` steps, checkpoints
 
 A stage first generates a pool of views (up to `POOL_FRACTION` of its budget), then trains on random
@@ -33,7 +34,9 @@ from . import configs
 from .batches import ViewGenerator, Views, generate_pool, shape_inputs, texture_inputs
 from .stages import DEPENDS, LEARNING_RATE, STAGE_CLASSES, VIEWS_PER_STEP, build, stage_config, trained_keys
 
-POOL_FRACTION = 0.3          # at most this share of a stage's first run generates its pool
+# Share of a stage's first run that may generate its pool. Measured on the H200 (single process): ~8 views/s of
+# flexible-dual-grid targets, ~3 views/s with 512 px renders; the flows need images and are data-bound.
+POOL_FRACTION = {"ss_vae": 0.3, "shape_vae": 0.3, "tex_vae": 0.3, "ss_flow": 0.5, "shape_flow": 0.5, "tex_flow": 0.5}
 OBJECTS_PER_GENERATOR_BATCH = 4
 WARMUP_STEPS = 200
 EMA_DECAY = 0.999
@@ -55,6 +58,16 @@ class EMA:
     def state_dict(self, module: torch.nn.Module) -> dict[str, torch.Tensor]:
         """The module's state_dict with the averaged parameters in place of the live ones."""
         return {k: self.params.get(k, v) for k, v in module.state_dict().items()}
+
+
+def half(name: str, t: torch.Tensor) -> torch.Tensor:
+    """fp16 storage of a floating tensor (complex buffers unchanged); refuses values fp16 cannot hold."""
+    if not t.is_floating_point():
+        return t.contiguous()
+    h = t.half()
+    if not torch.isfinite(h).all():
+        raise ValueError(f"{name} does not fit in fp16")
+    return h.contiguous()
 
 
 def atomic_write(path: Path, write) -> None:
@@ -124,7 +137,7 @@ class Trainer:
         state = {"step": self.step, "seconds": self.seconds, "pool_batches": self.pool_batches,
                  "models": self.models.state_dict(), "ema": self.ema.params, "optimizer": self.optimizer.state_dict()}
         atomic_write(self.dir / "state.pt", lambda p: torch.save(state, p))
-        weights = {k: v.detach().cpu().contiguous() for k, v in self.ema.state_dict(self.models).items()}
+        weights = {k: half(k, v.detach().cpu()) for k, v in self.ema.state_dict(self.models).items()}
         meta = {"stage": self.name, "step": self.step, "seconds": self.seconds, "normalization": self.normalization,
                 "configs": {k: stage_config(k, self.overrides) for k in self.models}}
         atomic_write(self.dir / "weights.safetensors",
@@ -145,7 +158,7 @@ class Trainer:
     def build_pool(self, budget_seconds: float, max_batches: int) -> Views:
         t0 = time.monotonic()
         generator = ViewGenerator(OBJECTS_PER_GENERATOR_BATCH, str(self.device), self.stage.needs_images)
-        deadline = None if self.pool_batches else t0 + POOL_FRACTION * budget_seconds
+        deadline = None if self.pool_batches else t0 + POOL_FRACTION[self.name] * budget_seconds
         pool, self.pool_batches = generate_pool(generator, self.pool_batches or max_batches, self.workers,
                                                 lambda v: self.stage.prepare(v.to(self.device)), deadline)
         self.log({"event": "pool", "views": len(pool), "batches": self.pool_batches,
@@ -219,8 +232,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--resume", action="store_true", help="continue each stage from DIR/<stage>/state.pt")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--workers", type=int, default=8 if torch.cuda.is_available() else 0,
-                   help="data-generation processes sharing the device")
+    p.add_argument("--workers", type=int, default=0,
+                   help="data-generation processes sharing the device (0: in this process; several processes on "
+                        "one GPU gave no measured speed-up)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--checkpoint-minutes", type=float, default=3.0)
