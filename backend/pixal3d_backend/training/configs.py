@@ -6,10 +6,11 @@ Single-stage cascade (TRELLIS.2's 512 pipeline; spec §1.2 without the HR stage)
     shape flow on the tokens -> texture flow on [noise | normalised shape latent]
     shape decoder (3 C2S stages: 32 -> 256) -> flexible-dual-grid mesh; texture decoder on its voxels
 
-Why 256 and not 512 (4 C2S stages): the decoded voxels and the mesh faces grow with res^2. A typical object
-has ~40-90 k flexible-dual-grid voxels at 256 and ~4x that at 512; on a CPU laptop the 512 decode alone
-(torch sparse conv at the finest stage, meshing, then remesh/bake in the exporter) would take most of the
-60 s budget, and the data engine's targets (QEF + split-weight fit per voxel) would cost 4x per sample.
+Why 256 and not 512 (4 C2S stages): the decoded voxels and the mesh faces grow with res^2. Our objects have
+~170 k flexible-dual-grid voxels at 256 on average (measured, ~2.6 k tokens at 32^3) and would have ~680 k at
+512; on a CPU laptop the 512 decode (torch sparse conv at the finest stage, meshing, then remesh/bake in the
+exporter, all linear in voxels/faces) would take most of the 60 s budget, and the data engine's targets (QEF +
+split-weight fit per voxel) and the VAE steps would cost 4x per sample on the GPU.
 
 Every `{"name", "args"}` below is what `ckpts/<name>.json` holds, built by `models.build_model` (networks
 that ship) or `training.encoders.ENCODERS` (the VAE encoders, used only for training).
@@ -85,6 +86,7 @@ ENCODER_MODELS: dict[str, dict] = {
 # Sampler parameters written to pipeline.json: the official per-stage values (sampler.STAGE_DEFAULTS).
 # H200 minutes per stage (documented default split of the ~25 min budget): the VAEs converge fast on
 # procedural data, the flows (trained from scratch with their image encoders) get the rest, most for shape.
+# Three device commands of 8.5 min each: [ss_vae, shape_vae, tex_vae], [shape_flow], [ss_flow, tex_flow].
 PLAN_MINUTES: dict[str, float] = {"ss_vae": 2.0, "shape_vae": 4.0, "tex_vae": 2.5,
-                                  "ss_flow": 3.5, "shape_flow": 8.0, "tex_flow": 5.0}
+                                  "ss_flow": 3.5, "shape_flow": 8.5, "tex_flow": 5.0}
 STAGES = tuple(PLAN_MINUTES)
