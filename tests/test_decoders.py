@@ -98,8 +98,9 @@ def test_texture_decoder_guided_by_shape_subs_has_the_same_voxels():
         unguided = tex(SparseTensor(torch.randn(1, 8), torch.zeros(1, 4, dtype=torch.int32)))
     assert torch.equal(out.coords, h.coords) and out.feats.shape == (h.coords.shape[0], 6)
     assert unguided.coords.shape[0] == 8 ** 4                                  # no guide: every child kept
-    with pytest.raises(ValueError, match="guide"):
-        shape(x, guide_subs=subs)
+    with torch.no_grad():
+        meshes, _ = shape(x, guide_subs=subs, return_subs=True)           # its own hierarchy as a guide: same voxels
+    assert torch.equal(torch.cat([m.coords for m in meshes]), h.coords[:, 1:])
 
 
 def test_fp16_decoder_runs_blocks_in_half_and_returns_fp32():

@@ -51,10 +51,11 @@ def object_structure(seed: int, resolution: int, device: torch.device):
     conditioning = render_views(field, [view], 512).conditioning[0]        # composited on black, as in training
     image = Image.fromarray((conditioning.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy())
     g = resolution // 16
-    start = 16 if g % 16 == 0 else 12                       # 96 = 12 * 2^3
 
     def level(res):
-        c = surface_voxels(posed.sdf, res, device, start_resolution=start if res % start == 0 else 16)
+        # the coarse-to-fine search doubles from its start: 16 for 32, 64, 1024, ...; 12 for 96, ..., 1536
+        start = next(s for s in (16, 12, 8) if res % s == 0 and ((res // s) & (res // s - 1)) == 0)
+        c = surface_voxels(posed.sdf, res, device, start_resolution=start)
         return torch.cat([torch.zeros_like(c[:, :1]), c], 1).int()
 
     coords32 = level(32)
