@@ -135,8 +135,9 @@ def model_card(run: Path, evaluation: dict, models: dict[str, dict], sizes: dict
     return "\n".join(lines)
 
 
-def export(run: Path, evaluation: dict, out: Path = DEFAULT_DIR) -> Path:
-    """Writes the snapshot and the card into `out` (replacing its files); returns `out`."""
+def export(run: Path, evaluation: dict | None, out: Path = DEFAULT_DIR) -> Path:
+    """Writes the snapshot into `out` (replacing its files), and the model card when `evaluation` is given (the
+    evaluation needs the snapshot: export, `pixal3d eval`, then export again with its results); returns `out`."""
     weights, models, normalization = {}, {}, {}
     for stage in SHIPPING_STAGES:
         tensors, meta = load_weights(run / stage / "weights.safetensors")
@@ -156,19 +157,20 @@ def export(run: Path, evaluation: dict, out: Path = DEFAULT_DIR) -> Path:
     if total > MAX_BYTES:
         raise ValueError(f"the default model is {total / 2**20:.1f} MiB, over the {MAX_BYTES / 2**20:.0f} MiB budget")
     (out / "pipeline.json").write_text(json.dumps(pipeline_json(normalization, models["shape_slat_decoder"]["args"]["resolution"]), indent=2) + "\n")
-    (out / "MODEL_CARD.md").write_text(model_card(run, evaluation, models, sizes))
+    if evaluation is not None:
+        (out / "MODEL_CARD.md").write_text(model_card(run, evaluation, models, sizes))
     return out
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--run", type=Path, required=True, help="the --out folder of training.train")
-    p.add_argument("--eval", type=Path, required=True,
-                   help='JSON {"command": "<the pixal3d eval command>", "metrics": {name: value}}')
+    p.add_argument("--eval", type=Path, help='JSON {"command": "<the pixal3d eval command>", "metrics": {...}}; '
+                   'without it only the snapshot is written (evaluate it, then export again for the card)')
     p.add_argument("--out", type=Path, default=DEFAULT_DIR)
     args = p.parse_args(argv)
-    evaluation = json.loads(args.eval.read_text())
-    if not evaluation.get("metrics") or not evaluation.get("command"):
+    evaluation = json.loads(args.eval.read_text()) if args.eval else None
+    if evaluation is not None and (not evaluation.get("metrics") or not evaluation.get("command")):
         raise SystemExit(f"{args.eval} needs a non-empty 'metrics' and the 'command' that produced them")
     print(export(args.run, evaluation, args.out))
 
