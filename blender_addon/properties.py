@@ -23,7 +23,8 @@ _LABELS = {
     "tex_guidance": "Texture Guidance", "face_target": "Face Target", "texture_size": "Texture Size",
     "remesh": "Remesh", "normal_map": "Normal Map", "low_vram": "Low VRAM",
 }
-RESOLUTIONS = (512, 1024, 1536)
+# 256 is the bundled default model's only resolution; the official Pixal3D weights run 512, 1024 and 1536.
+RESOLUTIONS = (256, 512, 1024, 1536)
 
 
 def _option_property(option: dataclasses.Field):

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from blender_helpers import enable_addon, reset_scene
+from blender_helpers import check_material, enable_addon, reset_scene, run_timer
 
 bpy, addon = enable_addon()
 runtime = addon.runtime
@@ -49,21 +49,6 @@ def server(tmp_path):
     yield start
     for s in started:
         s.stop()
-
-
-def run_timer(timeout_s=30.0, on_tick=None):
-    """Calls the timer callback like Blender does until the job is over; returns the tick durations
-    measured while the job ran (the final tick, which imports the result, is returned separately)."""
-    ticks, deadline = [], time.monotonic() + timeout_s
-    while runtime.current is not None:
-        assert time.monotonic() < deadline, "the job never finished"
-        session = runtime.current
-        runtime.tick()
-        ticks.append(session.last_tick_s)
-        if on_tick is not None:
-            on_tick()
-        time.sleep(runtime.TICK_S / 5)
-    return ticks[:-1], ticks[-1]
 
 
 def render_settings(scene):
@@ -111,37 +96,6 @@ def test_generate_from_camera_imports_a_placed_textured_object(scene, server):
     # Undo removes the imported object and nothing else.
     bpy.ops.ed.undo()
     assert set(bpy.data.objects.keys()) == before_objects
-
-
-def check_material(material, expect_alpha, expect_normal):
-    nodes = material.node_tree.nodes
-    bsdf = next(n for n in nodes if n.type == 'BSDF_PRINCIPLED')
-
-    def source(socket_name):
-        links = bsdf.inputs[socket_name].links
-        return (links[0].from_node, links[0].from_socket.name) if links else (None, None)
-
-    base, out = source("Base Color")
-    assert base.type == 'TEX_IMAGE' and out == "Color"
-    assert base.image.colorspace_settings.name == "sRGB" and base.image.packed_file is not None
-    alpha_node, alpha_out = source("Alpha")
-    if expect_alpha:
-        assert alpha_node == base and alpha_out == "Alpha"
-        assert material.surface_render_method == 'BLENDED'
-    else:
-        assert alpha_node is None
-    for socket_name, channel in (("Roughness", "Green"), ("Metallic", "Blue")):
-        split, out = source(socket_name)
-        assert split.type == 'SEPARATE_COLOR' and out == channel
-        mr = split.inputs["Color"].links[0].from_node
-        assert mr.type == 'TEX_IMAGE' and mr.image.colorspace_settings.is_data and mr.image.packed_file
-    normal_map, out = source("Normal")
-    if expect_normal:
-        assert normal_map.type == 'NORMAL_MAP' and out == "Normal"
-        tex = normal_map.inputs["Color"].links[0].from_node
-        assert tex.type == 'TEX_IMAGE' and tex.image.colorspace_settings.is_data
-    else:
-        assert normal_map is None
 
 
 def test_material_opaque_with_normal_map():
