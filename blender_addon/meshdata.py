@@ -66,8 +66,16 @@ def prepare_mesh(positions, faces, uvs, normals, mesh_matrix) -> MeshArrays:
     if faces.size and (faces.min() < 0 or faces.max() >= n):
         raise ValueError(f"face indices out of range for {n} vertices")
     to_data = np.asarray(mesh_matrix, dtype=np.float64) @ _glb_to_blender_4x4()
-    co = positions @ to_data[:3, :3].T + to_data[:3, 3]
-    vertex_index = np.ascontiguousarray(faces.ravel(), dtype=np.int32)
+    # The wire's mesh is split at every UV seam (one UV per vertex, as in glTF); Blender keeps UVs per loop, so
+    # the copies of a vertex (same position and normal) become one again: a connected mesh that edits and
+    # shades without seams. Copies with different normals (hard edges) stay apart.
+    if normals is not None:
+        normals = np.asarray(normals, dtype=np.float64).reshape(-1, 3)
+        if len(normals) != n:
+            raise ValueError(f"{len(normals)} normals for {n} vertices")
+    kept, welded = weld(positions if normals is None else np.hstack([positions, normals]))
+    co = positions[kept] @ to_data[:3, :3].T + to_data[:3, 3]
+    vertex_index = np.ascontiguousarray(welded[faces.ravel()], dtype=np.int32)
 
     uv = None
     if uvs is not None:
@@ -75,20 +83,29 @@ def prepare_mesh(positions, faces, uvs, normals, mesh_matrix) -> MeshArrays:
         if len(uvs) != n:
             raise ValueError(f"{len(uvs)} UVs for {n} vertices")
         flipped = np.column_stack([uvs[:, 0], 1.0 - uvs[:, 1]])
-        uv = np.ascontiguousarray(flipped[vertex_index].ravel(), dtype=np.float32)
+        uv = np.ascontiguousarray(flipped[faces.ravel()].ravel(), dtype=np.float32)
 
     unit = None
     if normals is not None:
-        normals = np.asarray(normals, dtype=np.float64).reshape(-1, 3)
-        if len(normals) != n:
-            raise ValueError(f"{len(normals)} normals for {n} vertices")
         # Normals transform with the inverse transpose of the linear part (the shear is not orthogonal).
-        transformed = normals @ np.linalg.inv(to_data[:3, :3])
+        transformed = normals[kept] @ np.linalg.inv(to_data[:3, :3])
         length = np.linalg.norm(transformed, axis=1, keepdims=True)
         unit = np.ascontiguousarray(transformed / np.where(length > 0.0, length, 1.0), dtype=np.float32)
 
     return MeshArrays(co=np.ascontiguousarray(co.ravel(), dtype=np.float32), vertex_index=vertex_index,
                       loop_start=np.arange(0, vertex_index.size, 3, dtype=np.int32), uv=uv, normals=unit)
+
+
+def weld(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(kept, index): the first row of each distinct row of `keys` [N, K], in their original order, and each
+    row's index among them. Copies made for UV seams are bit-identical, so exact equality finds them."""
+    if len(keys) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    _, first, inverse = np.unique(keys, axis=0, return_index=True, return_inverse=True)
+    order = np.argsort(first)
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    return first[order], rank[inverse.ravel()]
 
 
 def _glb_to_blender_4x4() -> np.ndarray:
