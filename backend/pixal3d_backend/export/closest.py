@@ -1,7 +1,9 @@
 """Closest points on a triangle mesh, vectorised in torch.
 
 `ClosestTriangleBand` stores, for every vertex of a regular grid within `radius` of the surface, its closest
-triangle (exact: every triangle is tested against every grid vertex in its bounding box grown by `radius`).
+triangle (exact: every triangle is paired with every grid vertex in its bounding box grown by `radius`; cheap
+distance bounds discard the pairs that cannot be the closest before the exact test; ties go to the lowest
+triangle index).
 A query point then only tests the closest triangles of the 8 corners of its grid cell. This replaces a BVH:
 building is one pass of (triangle, nearby grid vertex) pairs and querying is a fixed 8 candidates per point,
 both plain tensor ops that run unchanged on CPU and GPU (no per-query tree traversal, no Python loops over
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+_NONE = torch.iinfo(torch.int64).max
 _CORNERS = torch.tensor([[(i >> 0) & 1, (i >> 1) & 1, (i >> 2) & 1] for i in range(8)])
 
 
@@ -85,30 +88,48 @@ class ClosestTriangleBand:
               pairs_per_chunk: int = 1 << 22) -> "ClosestTriangleBand":
         tri = vertices[faces]                                                   # [F, 3, 3]
         unit_n = torch.nn.functional.normalize(torch.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0], dim=-1), dim=-1)
+        centre = tri.mean(1)
+        reach = (tri - centre[:, None]).norm(dim=-1).amax(1)                    # bounding sphere about the centroid
         lo = torch.ceil((tri.amin(1) - radius - grid.origin) / grid.spacing).long().clamp(0, grid.dims - 1)
         hi = torch.floor((tri.amax(1) + radius - grid.origin) / grid.spacing).long().clamp(0, grid.dims - 1)
         ext = (hi - lo + 1).clamp_min(0)
-        count = ext.prod(-1)
-        chunk_of = torch.cumsum(count, 0) // pairs_per_chunk
-        keys, dist, tris = [], [], []
-        for c in torch.unique(chunk_of).tolist():
-            sel = torch.nonzero(chunk_of == c)[:, 0]
-            n = count[sel]
+        # x-major order, so that the grid vertices of a chunk span a short key range (dense per-chunk arrays)
+        order = torch.argsort(grid.key(lo))
+        chunk_of = torch.cumsum(ext[order].prod(-1), 0) // pairs_per_chunk
+        keys, packed = [], []
+        for sel in torch.split(order, torch.unique_consecutive(chunk_of, return_counts=True)[1].tolist()):
+            n = ext[sel].prod(-1)
             t = torch.repeat_interleave(sel, n)
+            if t.numel() == 0:
+                continue
             local = torch.arange(t.numel(), device=t.device) - torch.repeat_interleave(torch.cumsum(n, 0) - n, n)
             e = ext[t]
-            off = torch.stack([local // (e[:, 1] * e[:, 2]), (local // e[:, 2]) % e[:, 1], local % e[:, 2]], -1)
-            idx = lo[t] + off
+            idx = lo[t] + torch.stack([local // (e[:, 1] * e[:, 2]), (local // e[:, 2]) % e[:, 1], local % e[:, 2]], -1)
             p = grid.position(idx)
-            # cheap plane-distance test first: most pairs of a triangle's box are far from its plane
-            near = ((p - tri[t, 0]) * unit_n[t]).sum(-1).abs() <= radius
-            t, idx, p = t[near], idx[near], p[near]
-            a, b, cc = tri[t, 0], tri[t, 1], tri[t, 2]
-            d = (p - _point(closest_on_triangles(p, a, b, cc), a, b, cc)).norm(dim=-1)
-            keep = d <= radius
-            k, d, t = _argmin_per_key(grid.key(idx[keep]), d[keep], t[keep])
-            keys.append(k), dist.append(d), tris.append(t)
-        keys, dist, tris = _argmin_per_key(torch.cat(keys), torch.cat(dist), torch.cat(tris))
+            key = grid.key(idx)
+            base = key.min()
+            slot = key - base
+            # Cheap bounds prune the exact test: the distance to a triangle is at least its plane distance and
+            # its bounding-sphere distance, and at most the distance to its centroid. Only pairs whose lower bound
+            # reaches the smallest upper bound of their grid vertex (and the radius) can hold its closest triangle.
+            to_centre = (p - centre[t]).norm(dim=-1)
+            lower = torch.maximum(((p - tri[t, 0]) * unit_n[t]).sum(-1).abs(), to_centre - reach[t])
+            upper = torch.full((int(key.max() - base) + 1,), float(radius), device=p.device)
+            upper.scatter_reduce_(0, slot, to_centre, reduce="amin")
+            near = lower <= upper[slot] + 1e-4 * grid.spacing
+            t, slot, p = t[near], slot[near], p[near]
+            a, b, c = tri[t, 0], tri[t, 1], tri[t, 2]
+            d = (p - _point(closest_on_triangles(p, a, b, c), a, b, c)).norm(dim=-1)
+            inside = d <= radius
+            # per grid vertex, the smallest (distance, triangle): non-negative float bits order like the floats
+            pair = (d[inside].contiguous().view(torch.int32).long() << 32) | t[inside]
+            best = torch.full_like(upper, _NONE, dtype=torch.long)
+            best.scatter_reduce_(0, slot[inside], pair, reduce="amin")
+            hit = torch.nonzero(best != _NONE)[:, 0]
+            keys.append(hit + base), packed.append(best[hit])
+        keys, packed = _min_per_key(torch.cat(keys), torch.cat(packed))     # chunks may share grid vertices
+        tris = packed & 0xFFFFFFFF
+        dist = (packed >> 32).to(torch.int32).view(torch.float32)
         p = grid.position(grid.index(keys))
         f = tri[tris]
         bary = closest_on_triangles(p, f[:, 0], f[:, 1], f[:, 2])
@@ -147,11 +168,11 @@ class ClosestTriangleBand:
         return torch.cat(tri_out), torch.cat(bary_out), torch.cat(point_out)
 
 
-def _argmin_per_key(keys: torch.Tensor, dist: torch.Tensor, tri: torch.Tensor):
-    """Per distinct key, the (distance, triangle) with the smallest distance; keys come back sorted."""
-    order = torch.argsort(dist)
+def _min_per_key(keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per distinct key, the smallest value; keys come back sorted."""
+    order = torch.argsort(values)
     order = order[torch.argsort(keys[order], stable=True)]
-    keys, dist, tri = keys[order], dist[order], tri[order]
+    keys, values = keys[order], values[order]
     first = torch.ones_like(keys, dtype=torch.bool)
     first[1:] = keys[1:] != keys[:-1]
-    return keys[first], dist[first], tri[first]
+    return keys[first], values[first]
