@@ -2,8 +2,9 @@
 
 Steps (model frame until the end): small-hole filling (`mesh.fill_small_holes`, the official 3e-2 perimeter);
 optional remesh to a closed surface; quadric decimation to the face target;
-xatlas unwrap; bake base colour + alpha, metallic, roughness from the voxel field at each texel's closest
-point on the decoded surface, and a tangent-space normal map from that surface's normals; inpainting; uint8.
+xatlas unwrap; bake base colour + alpha, metallic, roughness from the voxel field at each texel's point, and
+optionally a tangent-space normal map from the decoded surface's normals at the texel's closest point on it;
+inpainting; uint8.
 The result is rotated into the official GLB frame (`camera.R_MODEL_TO_GLB`, spec §7), a proper rotation, so
 winding, UVs and tangent-space normals are unchanged.
 """
@@ -25,8 +26,8 @@ from .remesh import default_remesh_resolution, remesh
 from .unwrap import unwrap
 from .voxel_field import SparseVoxelField
 
-# Texels are snapped to the decoded surface when it is within this many voxels (further texels keep their own
-# point: the voxel field is empty there anyway and those texels are inpainted).
+# Normal-map texels read the decoded surface's normal at their closest point on it when that is within this many
+# voxels (further texels keep the low-poly normal).
 SNAP_RADIUS_VOXELS = 2.0
 # Alpha is "used" when more than this fraction of covered texels is below 250/255.
 ALPHA_USED_FRACTION = 1e-3
@@ -114,11 +115,13 @@ def export_asset(mesh_vertices, mesh_faces, voxel_coords, voxel_attrs, resolutio
     ref_v, ref_f = fill_small_holes(ref_v, ref_f)
     field_ = SparseVoxelField(torch.as_tensor(np.asarray(voxel_coords), device=dev),
                               torch.as_tensor(np.asarray(voxel_attrs), device=dev), resolution)
-    h = 1.0 / resolution
-    band = ClosestTriangleBand.build(ref_v, ref_f, Grid(origin=-0.5 - 2 * h, spacing=h, dims=resolution + 5),
-                                     radius=SNAP_RADIUS_VOXELS * h)
-    reference = Reference(ref_v, ref_f, vertex_normals(ref_v, ref_f), band)
-    lap("reference_index")
+    reference = None
+    if options.normal_map:
+        h = 1.0 / resolution
+        band = ClosestTriangleBand.build(ref_v, ref_f, Grid(origin=-0.5 - 2 * h, spacing=h, dims=resolution + 5),
+                                         radius=SNAP_RADIUS_VOXELS * h)
+        reference = Reference(ref_v, ref_f, vertex_normals(ref_v, ref_f), band)
+        lap("reference_index")
 
     v, f = ref_v, ref_f
     if options.remesh:
@@ -135,7 +138,7 @@ def export_asset(mesh_vertices, mesh_faces, voxel_coords, voxel_attrs, resolutio
     v, n = v[vmap_t], n[vmap_t]
     f_t = torch.as_tensor(f_uv, device=dev)
     uvs_t = torch.as_tensor(uvs, device=dev)
-    maps = bake(v, n, f_t, uvs_t, reference, field_, options.texture_size, options.normal_map)
+    maps = bake(v, n, f_t, uvs_t, field_, options.texture_size, reference)
     lap("bake")
 
     alpha_mode = _alpha_mode(maps.alpha, maps.coverage, options.alpha_mode)

@@ -1,8 +1,9 @@
 """Baking PBR maps and a tangent-space normal map into a UV layout.
 
-Every covered texel gives a 3-D point on the low-poly (decimated) mesh; the point is snapped to the closest
-point of the reference (full-resolution decoded) surface, where the voxel attributes are sampled with the
-§6.2 trilinear convention and the reference's smooth normal is read for the normal map.
+Every covered texel gives a 3-D point on the low-poly (decimated) mesh, where the voxel attributes are sampled
+with the §6.2 trilinear convention: that mesh lies within a fraction of a voxel of the decoded surface and the
+renormalised trilinear field is smooth at that scale, so no snapping is needed. The normal map reads the smooth
+normal of the reference (full-resolution decoded) surface at the texel's closest point on it.
 
 Tangent frame (MikkTSpace-compatible, what Blender and glTF viewers rebuild from the UVs): per vertex, the
 face tangents dp/du are projected onto the vertex normal's plane, normalised, and summed with corner-angle
@@ -60,7 +61,7 @@ def vertex_tangents(vertices: torch.Tensor, normals: torch.Tensor, uvs: torch.Te
 
 @dataclass
 class Reference:
-    """The full-resolution surface the maps are baked from, with its closest-triangle band."""
+    """The full-resolution surface the normal map is baked from, with its closest-triangle band."""
     vertices: torch.Tensor
     faces: torch.Tensor
     normals: torch.Tensor
@@ -83,16 +84,16 @@ def _interp(values: torch.Tensor, faces: torch.Tensor, bary: torch.Tensor) -> to
 
 
 def bake(vertices: torch.Tensor, normals: torch.Tensor, faces: torch.Tensor, uvs: torch.Tensor,
-         reference: Reference, field: SparseVoxelField, size: int, normal_map: bool) -> BakedMaps:
-    """Bakes the maps of the low-poly mesh (model frame; normals, uvs per vertex) at size x size."""
+         field: SparseVoxelField, size: int, reference: Reference | None) -> BakedMaps:
+    """Bakes the maps of the low-poly mesh (model frame; normals, uvs per vertex) at size x size, with a normal
+    map when a reference surface is given."""
     owner, bary = rasterize_uv(uvs, faces, size)
     owner, bary = owner.reshape(-1), bary.reshape(-1, 3)
     pix = torch.nonzero(owner >= 0)[:, 0]
     f = faces[owner[pix]]
     b = bary[pix]
     points = _interp(vertices, f, b)
-    ref_tri, ref_bary, snapped = reference.band.query(reference.vertices, reference.faces, points)
-    attrs, found = field.sample(snapped)
+    attrs, found = field.sample(points)
     attrs = attrs.clamp(0, 1)
 
     def image(channels: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -103,7 +104,8 @@ def bake(vertices: torch.Tensor, normals: torch.Tensor, faces: torch.Tensor, uvs
         return inpaint(img.view(-1, size, size), mask.view(size, size))
 
     normal = None
-    if normal_map:
+    if reference is not None:
+        ref_tri, ref_bary, _ = reference.band.query(reference.vertices, reference.faces, points)
         n = F.normalize(_interp(normals, f, b), dim=-1)
         tangents = vertex_tangents(vertices, normals, uvs, faces)
         t = _interp(tangents[:, :3], f, b)
