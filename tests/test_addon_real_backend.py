@@ -2,10 +2,11 @@
 CPU here) on 127.0.0.1, and the add-on in the `bpy` module rendering the active camera's view of a mug built
 from primitives, seen through a long lens with lens shift on a non-square frame.
 
-One generation (about 1-2 minutes on two CPU cores) is shared by the tests of this module: the imported object
-lies in the camera's frustum and reprojects onto the input's mask, its mesh has UVs and its Principled BSDF is
-wired node by node, and it carries its provenance. The last test renders the README picture (input render |
-the result from the source camera | the result from the side); to write it into the repository:
+One generation (1.5 min on two idle CPU cores, ~5 min when they are busy) is shared by the tests of this
+module: the imported object lies in the camera's frustum and reprojects onto the input's mask, its mesh has UVs
+and its Principled BSDF is wired node by node, and it carries its provenance. The last test renders the README
+picture (input render | the result from the source camera | the result from the side); to write it into the
+repository:
 
     PIXAL3D_WRITE_FIGURE=1 .venv/bin/python -m pytest tests/test_addon_real_backend.py
 
@@ -259,7 +260,8 @@ def generation(tmp_path_factory):
                   on_tick=lambda: stages.add(bpy.context.window_manager.pixal3d.stage))
         seconds = time.monotonic() - started
         status = bpy.context.window_manager.pixal3d
-        assert status.last_error == "", f"{status.last_error}\nbackend log:\n{(workdir / 'serve.log').read_text()[-3000:]}"
+        log = (workdir / "serve.log").read_text()[-3000:]
+        assert status.last_error == "", f"{status.last_error}\nbackend log:\n{log}"
         new = set(bpy.data.objects.keys()) - before
         assert len(new) == 1, f"expected one imported object, got {sorted(new)}"
         yield Generation(world, bpy.data.objects[new.pop()], input_png, seconds, stages, workdir)
