@@ -27,7 +27,7 @@ from .conditioning.naf import NAF
 from .conditioning.proj_grid import ViewCamera
 from .models import build_model
 from .official import CHECKPOINTS, DINOV3_VITL16_CONFIG, ENCODER_STAGES
-from .pipeline import MAX_NUM_TOKENS, Normalization, Pixal3DPipeline
+from .pipeline import MAX_NUM_TOKENS, Normalization, Pixal3DPipeline, RunContext
 from .sampler import STAGE_DEFAULTS
 from .sparse import SparseTensor
 from .sparse_conv import CoordinateIndex
@@ -147,9 +147,8 @@ def run_bench(resolution: int, device: torch.device, seed: int = 0, low_vram: bo
               pipe: Pixal3DPipeline | None = None) -> dict:
     pipe = pipe or random_pipeline(device, low_vram)
     image, camera, coords32, hr, subs = object_structure(seed, resolution, device)
-    rows, cache, trace = [], {}, {}
-    gen = torch.Generator().manual_seed(seed)
-    common = (gen, {}, None, None, cache, trace)
+    rows = []
+    run = RunContext(image, camera, torch.Generator().manual_seed(seed))
 
     def stage(name, fn, *args, flow=None, tokens=0):
         counter = ForwardCounter(pipe.models[flow]) if flow else None
@@ -168,15 +167,14 @@ def run_bench(resolution: int, device: torch.device, seed: int = 0, low_vram: bo
         return out
 
     with torch.no_grad():
-        stage("sparse_structure", pipe.sample_sparse_structure, image, camera, *common,
-              flow="sparse_structure_flow_model", tokens=16 ** 3)
-        slat_lr = stage("shape_lr", pipe.sample_shape_lr, image, camera, coords32, *common,
-                        flow="shape_slat_flow_model_512", tokens=coords32.shape[0])
-        stage("upsample", pipe.upsample_to_hr, slat_lr, resolution, MAX_NUM_TOKENS, trace, tokens=coords32.shape[0])
-        shape = stage("shape_hr", pipe.sample_shape_hr, image, camera, hr, resolution, *common,
-                      flow="shape_slat_flow_model_1024", tokens=hr.shape[0])
-        tex = stage("texture", pipe.sample_texture, image, camera, shape, resolution // 16, *common,
-                    flow="tex_slat_flow_model_1024", tokens=hr.shape[0])
+        stage("sparse_structure", pipe.sample_sparse_structure, run, flow="sparse_structure_flow_model", tokens=16 ** 3)
+        slat_lr = stage("shape_lr", pipe.sample_shape_lr, run, coords32, flow="shape_slat_flow_model_512",
+                        tokens=coords32.shape[0])
+        stage("upsample", pipe.upsample_to_hr, run, slat_lr, resolution, MAX_NUM_TOKENS, tokens=coords32.shape[0])
+        shape = stage("shape_hr", pipe.sample_shape_hr, run, hr, resolution, flow="shape_slat_flow_model_1024",
+                      tokens=hr.shape[0])
+        tex = stage("texture", pipe.sample_texture, run, shape, resolution // 16, flow="tex_slat_flow_model_1024",
+                    tokens=hr.shape[0])
         mesh = stage("decode", pipe.decode, shape, tex, resolution, subs, tokens=hr.shape[0])
     total = sum(r["seconds"] for r in rows)
     return {"resolution": resolution, "low_vram": low_vram, "rows": rows, "total_seconds": total,

@@ -69,6 +69,21 @@ class Normalization:
 
 
 @dataclass
+class RunContext:
+    """What the stages of one generation share: the conditioning view, the noise generator (all noise is drawn from
+    it in the official order), the sampler overrides, the callbacks, the image features computed so far (DINOv3
+    tokens are reused across stages at the same image size) and the trace of intermediates (parity tests)."""
+    image: Image.Image
+    camera: ViewCamera
+    generator: torch.Generator
+    overrides: dict = field(default_factory=dict)
+    progress: Callable[[str, int, int], None] | None = None
+    should_cancel: Callable[[], bool] | None = None
+    trace: dict = field(default_factory=dict)
+    features: dict = field(default_factory=dict)
+
+
+@dataclass
 class PipelineOutput:
     mesh: VoxelMesh                      # model frame, before hole filling (the exporter fills holes)
     shape_slat: SparseTensor
@@ -143,85 +158,86 @@ class Pixal3DPipeline:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
 
-    # -- conditioning -----------------------------------------------------------------------------------
-    def _condition(self, key: str, image: Image.Image, camera: ViewCamera, coords: torch.Tensor,
-                   grid_resolution: int, cache: dict) -> tuple[dict, dict]:
+    # -- conditioning and sampling -------------------------------------------------------------------
+    def _condition(self, key: str, run: "RunContext", coords: torch.Tensor, grid_resolution: int
+                   ) -> tuple[dict, dict]:
         """Conditions of one stage at the given voxel coords: (cond, neg_cond); the negative condition is zeros for
         both the global tokens and the lifted features (official CFG)."""
         enc = self.encoders[key]
         with self._on_device(enc):
-            encoded = enc.encode([image], cache)
-            lifted = enc.lift(encoded, coords[:, 1:], grid_resolution, camera)
+            encoded = enc.encode([run.image], run.features)
+            lifted = enc.lift(encoded, coords[:, 1:], grid_resolution, run.camera)
         glob = encoded.global_tokens
         cond = {"global": glob, "proj": lifted}
         neg = {"global": torch.zeros_like(glob), "proj": torch.zeros_like(lifted)}
         return cond, neg
 
-    def _sample(self, stage: str, model: torch.nn.Module, noise, cond, neg, overrides: dict, progress, cancel,
-                **kwargs):
-        params = {**self.sampler_settings[stage], **overrides.get(stage, {})}
+    def _sample(self, stage: str, model: torch.nn.Module, noise, cond, neg, run: "RunContext", **kwargs):
+        params = {**self.sampler_settings[stage], **run.overrides.get(stage, {})}
+        progress = run.progress
         with self._on_device(model):
             return self.sampler.sample(
                 model, noise, cond=cond, neg_cond=neg, **params, **kwargs,
                 on_step=(lambda i, n: progress(stage, i, n)) if progress else None,
-                should_cancel=cancel).samples
+                should_cancel=run.should_cancel).samples
+
+    def _sample_tokens(self, tag: str, stage: str, flow_key: str, encoder_key: str, run: "RunContext",
+                       coords: torch.Tensor, grid: int, concat: SparseTensor | None = None) -> SparseTensor:
+        """One sparse stage: noise on the tokens `coords` (drawn now, from the run's CPU generator), conditions lifted
+        at those tokens on the `grid`^3 latent grid, the flow sampled. Returns the normalised latent; the
+        intermediates go to the run's trace under `tag` (the parity fixture's names)."""
+        flow = self.models[flow_key]
+        cond, neg = self._condition(encoder_key, run, coords, grid)
+        feats = torch.randn(coords.shape[0], flow.out_channels, generator=run.generator).to(self.device)
+        noise = concat.replace(feats) if concat is not None else SparseTensor(feats, coords)  # share the coords cache
+        cond["proj"], neg["proj"] = noise.replace(cond["proj"]), noise.replace(neg["proj"])
+        z = self._sample(stage, flow, noise, cond, neg, run, **({"concat_cond": concat} if concat is not None else {}))
+        run.trace.update({f"{tag}_coords": coords, f"{tag}_noise": noise.feats, f"{tag}_samples": z.feats,
+                          f"cond_{tag}_global": cond["global"], f"cond_{tag}_proj": cond["proj"].feats})
+        return z
 
     # -- stages -----------------------------------------------------------------------------------------
-    def sample_sparse_structure(self, image, camera, gen, overrides, progress, cancel, cache, trace):
+    def sample_sparse_structure(self, run: "RunContext") -> torch.Tensor:
+        """Dense SS flow on the r^3 latent (tokens in order ix*r*r+iy*r+iz) -> occupied 32^3 coords [N, 4]."""
         flow = self.models["sparse_structure_flow_model"]
         r = flow.resolution
         grid = torch.stack(torch.meshgrid(*[torch.arange(r)] * 3, indexing="ij"), -1).reshape(-1, 3)
         coords = torch.cat([torch.zeros(grid.shape[0], 1, dtype=torch.int32), grid.int()], 1).to(self.device)
-        cond, neg = self._condition("image_cond_model_ss", image, camera, coords, r, cache)
-        cond["proj"], neg["proj"] = cond["proj"][None], neg["proj"][None]   # dense tokens, order ix*r*r+iy*r+iz
-        noise = torch.randn(1, flow.in_channels, r, r, r, generator=gen).to(self.device)
-        z = self._sample("sparse_structure", flow, noise, cond, neg, overrides, progress, cancel)
+        cond, neg = self._condition("image_cond_model_ss", run, coords, r)
+        cond["proj"], neg["proj"] = cond["proj"][None], neg["proj"][None]
+        noise = torch.randn(1, flow.in_channels, r, r, r, generator=run.generator).to(self.device)
+        z = self._sample("sparse_structure", flow, noise, cond, neg, run)
         decoder = self.models["sparse_structure_decoder"]
         with self._on_device(decoder):
             coords = occupancy_to_coords(decoder(z), SS_RESOLUTION)
-        trace.update(ss_noise=noise, ss_samples=z, cond_ss_global=cond["global"], cond_ss_proj=cond["proj"])
+        run.trace.update(ss_noise=noise, ss_samples=z, cond_ss_global=cond["global"], cond_ss_proj=cond["proj"])
         return coords
 
-    def sample_shape_lr(self, image, camera, coords, gen, overrides, progress, cancel, cache, trace):
-        flow = self.models["shape_slat_flow_model_512"]
-        cond, neg = self._condition("image_cond_model_shape_512", image, camera, coords, SS_RESOLUTION, cache)
-        noise = SparseTensor(torch.randn(coords.shape[0], flow.out_channels, generator=gen).to(self.device), coords)
-        cond["proj"], neg["proj"] = noise.replace(cond["proj"]), noise.replace(neg["proj"])
-        z = self._sample("shape", flow, noise, cond, neg, overrides, progress, cancel)
-        trace.update(shape_lr_coords=coords, shape_lr_noise=noise.feats, shape_lr_samples=z.feats,
-                     cond_shape_lr_global=cond["global"], cond_shape_lr_proj=cond["proj"].feats)
+    def sample_shape_lr(self, run: "RunContext", coords: torch.Tensor) -> SparseTensor:
+        z = self._sample_tokens("shape_lr", "shape", "shape_slat_flow_model_512", "image_cond_model_shape_512", run,
+                                coords, SS_RESOLUTION)
         return z.replace(self.shape_norm.denormalize(z.feats))
 
-    def upsample_to_hr(self, slat_lr, resolution, max_num_tokens, trace):
+    def upsample_to_hr(self, run: "RunContext", slat_lr: SparseTensor, resolution: int,
+                       max_num_tokens: int) -> tuple[torch.Tensor, int]:
         decoder = self.models["shape_slat_decoder"]
         with self._on_device(decoder):
             upsampled = decoder.upsample(slat_lr, upsample_times=4)
-        coords, res = hr_grid_coords(upsampled, resolution, max_num_tokens)
-        trace.update(lr_upsample_coords=upsampled)
-        return coords, res
+        run.trace.update(lr_upsample_coords=upsampled)
+        return hr_grid_coords(upsampled, resolution, max_num_tokens)
 
-    def sample_shape_hr(self, image, camera, coords, res, gen, overrides, progress, cancel, cache, trace):
-        flow = self.models["shape_slat_flow_model_1024"]
-        cond, neg = self._condition("image_cond_model_shape_1024", image, camera, coords, coords_grid(res), cache)
-        noise = SparseTensor(torch.randn(coords.shape[0], flow.out_channels, generator=gen).to(self.device), coords)
-        cond["proj"], neg["proj"] = noise.replace(cond["proj"]), noise.replace(neg["proj"])
-        z = self._sample("shape", flow, noise, cond, neg, overrides, progress, cancel)
-        trace.update(shape_hr_coords=coords, shape_hr_noise=noise.feats, shape_hr_samples=z.feats,
-                     cond_shape_hr_global=cond["global"], cond_shape_hr_proj=cond["proj"].feats)
+    def sample_shape_hr(self, run: "RunContext", coords: torch.Tensor, resolution: int) -> SparseTensor:
+        z = self._sample_tokens("shape_hr", "shape", "shape_slat_flow_model_1024", "image_cond_model_shape_1024", run,
+                                coords, coords_grid(resolution))
         return z.replace(self.shape_norm.denormalize(z.feats))
 
-    def sample_texture(self, image, camera, shape_slat, grid, gen, overrides, progress, cancel, cache, trace):
-        """Texture latent on the shape latent's tokens, which lie on a `grid`^3 latent grid."""
+    def sample_texture(self, run: "RunContext", shape_slat: SparseTensor, grid: int) -> SparseTensor:
+        """Texture latent on the shape latent's tokens (on a `grid`^3 latent grid), conditioned by concatenation on
+        the normalised shape latent."""
         suffix = "1024" if self.two_stage else "512"
-        flow = self.models[f"tex_slat_flow_model_{suffix}"]
-        coords = shape_slat.coords
-        cond, neg = self._condition(f"image_cond_model_tex_{suffix}", image, camera, coords, grid, cache)
-        noise = shape_slat.replace(torch.randn(coords.shape[0], flow.out_channels, generator=gen).to(self.device))
-        cond["proj"], neg["proj"] = noise.replace(cond["proj"]), noise.replace(neg["proj"])
         concat = shape_slat.replace(self.shape_norm.normalize(shape_slat.feats))
-        z = self._sample("texture", flow, noise, cond, neg, overrides, progress, cancel, concat_cond=concat)
-        trace.update(tex_coords=coords, tex_noise=noise.feats, tex_samples=z.feats,
-                     cond_tex_global=cond["global"], cond_tex_proj=cond["proj"].feats)
+        z = self._sample_tokens("tex", "texture", f"tex_slat_flow_model_{suffix}", f"image_cond_model_tex_{suffix}",
+                                run, shape_slat.coords, grid, concat=concat)
         return z.replace(self.tex_norm.denormalize(z.feats))
 
     def decode(self, shape_slat, tex_slat, res, guide_subs=None) -> VoxelMesh:
@@ -252,8 +268,8 @@ class Pixal3DPipeline:
         trace = {} if trace is None else trace
         if preprocess:
             image = preprocess_image(image)
-        gen = torch.Generator().manual_seed(int(seed))
-        cache: dict = {}
+        run = RunContext(image, camera, torch.Generator().manual_seed(int(seed)), overrides, progress, should_cancel,
+                         trace)
         timings: dict[str, float] = {}
 
         def timed(name, fn, *args):
@@ -266,16 +282,15 @@ class Pixal3DPipeline:
             timings[name] = time.perf_counter() - t0
             return out
 
-        common = (gen, overrides, progress, should_cancel, cache, trace)
-        coords32 = timed("sparse_structure", self.sample_sparse_structure, image, camera, *common)
-        slat_lr = timed("shape_lr", self.sample_shape_lr, image, camera, coords32, *common)
+        coords32 = timed("sparse_structure", self.sample_sparse_structure, run)
+        slat_lr = timed("shape_lr", self.sample_shape_lr, run, coords32)
         if self.two_stage:
-            coords_hr, res = timed("upsample", self.upsample_to_hr, slat_lr, resolution, max_num_tokens, trace)
-            shape_slat = timed("shape_hr", self.sample_shape_hr, image, camera, coords_hr, res, *common)
+            coords_hr, res = timed("upsample", self.upsample_to_hr, run, slat_lr, resolution, max_num_tokens)
+            shape_slat = timed("shape_hr", self.sample_shape_hr, run, coords_hr, res)
             grid = coords_grid(res)
         else:
             shape_slat, res, grid = slat_lr, resolution, SS_RESOLUTION
-        tex_slat = timed("texture", self.sample_texture, image, camera, shape_slat, grid, *common)
+        tex_slat = timed("texture", self.sample_texture, run, shape_slat, grid)
         if progress:
             progress("decode", 0, 1)
         mesh = timed("decode", self.decode, shape_slat, tex_slat, res)

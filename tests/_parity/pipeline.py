@@ -13,7 +13,7 @@ def run_pipeline(models, inp, meta):
     overrides = {stage: kw[f"{key}_params"] for stage, key in SAMPLER_KEYS.items() if f"{key}_params" in kw}
     pipe = Pixal3DPipeline(
         models={k: v for k, v in models.items() if k not in ENCODER_KEYS},
-        encoders={k: models[k] for k in ENCODER_KEYS},
+        encoders={k: v for k, v in models.items() if k in ENCODER_KEYS},
         sampler_settings=settings,
         shape_norm=Normalization.from_json(pa["shape_slat_normalization"]),
         tex_norm=Normalization.from_json(pa["tex_slat_normalization"]),
