@@ -90,3 +90,8 @@ ENCODER_MODELS: dict[str, dict] = {
 PLAN_MINUTES: dict[str, float] = {"ss_vae": 2.0, "shape_vae": 4.0, "tex_vae": 2.5,
                                   "ss_flow": 3.5, "shape_flow": 8.5, "tex_flow": 5.0}
 STAGES = tuple(PLAN_MINUTES)
+
+# Generation options the bundled model ships with (pipeline.json "default_options", read by loading.load_model):
+# sized for a CPU-only machine. 50k faces and 1024^2 maps hold what a 256^3 decode resolves; the normal map needs
+# the closest-point index over the full decoded mesh, the slowest export step on a CPU, so it is opt-in.
+DEFAULT_OPTIONS = {"face_target": 50_000, "texture_size": 1024, "remesh": True, "normal_map": False}

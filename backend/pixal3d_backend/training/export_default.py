@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..sampler import STAGE_DEFAULTS
+from .configs import DEFAULT_OPTIONS
 from .losses import SIGMA_MIN
 from .stages import trained_keys
 from .train import load_weights, prefixed
@@ -64,6 +65,7 @@ def pipeline_json(normalization: dict, decoded_resolution: int) -> dict:
         "shape_slat_normalization": normalization["shape"],
         "tex_slat_normalization": normalization["tex"],
         "default_pipeline_type": "512",
+        "default_options": DEFAULT_OPTIONS,
         "cascade": "single_stage_512",
         "decoded_resolution": decoded_resolution,
         "image_cond_models": {"sparse_structure": "image_cond_model_ss", "shape": "image_cond_model_shape_512",
