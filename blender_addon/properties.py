@@ -7,6 +7,7 @@ import bpy
 from bpy.props import BoolProperty, EnumProperty, FloatProperty, IntProperty, PointerProperty, StringProperty
 
 from .shared import protocol
+from .worker import MODEL_DEFAULT_RESOLUTION
 
 SOURCES = [
     ("CAMERA", "Active Camera", "Render the active camera's view with a transparent background; the alpha is the "
@@ -23,8 +24,7 @@ _LABELS = {
     "tex_guidance": "Texture Guidance", "face_target": "Face Target", "texture_size": "Texture Size",
     "remesh": "Remesh", "normal_map": "Normal Map", "low_vram": "Low VRAM",
 }
-# 256 is the bundled default model's only resolution; the official Pixal3D weights run 512, 1024 and 1536.
-RESOLUTIONS = (256, 512, 1024, 1536)
+RESOLUTIONS = (MODEL_DEFAULT_RESOLUTION, 256, 1024, 1536)
 
 
 def _option_property(option: dataclasses.Field):
@@ -32,7 +32,10 @@ def _option_property(option: dataclasses.Field):
     common = {"name": _LABELS[option.name], "description": spec["doc"].capitalize()}
     if spec["choices"] or option.name == "resolution":
         values = spec["choices"] or RESOLUTIONS
-        return EnumProperty(items=[(str(v), f"{v} px", "") for v in values], default=str(default), **common)
+        if option.name == "resolution":
+            default = MODEL_DEFAULT_RESOLUTION
+        return EnumProperty(items=[(str(v), f"{v} px" if v else "Model Default", "") for v in values],
+                            default=str(default), **common)
     if isinstance(default, bool):
         return BoolProperty(default=default, **common)
     if isinstance(default, int):

@@ -6,6 +6,7 @@ preparation of the result's mesh arrays, so the main thread only copies ready ar
 """
 from __future__ import annotations
 
+import dataclasses
 import queue
 import threading
 import time
@@ -16,6 +17,10 @@ import numpy as np
 from . import imaging, meshdata
 from .shared import client as backend_client
 from .shared import protocol
+
+# Options.resolution 0 asks for the loaded model's own resolution: its first advertised one (256 for the bundled
+# default model; the official weights run 1024 and 1536).
+MODEL_DEFAULT_RESOLUTION = 0
 
 BUSY_RETRY_S = 2.0
 
@@ -127,8 +132,11 @@ class JobWorker(threading.Thread):
         capabilities = client.hello()
         self.events.put(Connected(capabilities))
         pngs = [view.encode() for view in self.job.views]
+        options = self.job.options
+        if options.resolution == MODEL_DEFAULT_RESOLUTION:
+            options = dataclasses.replace(options, resolution=capabilities.resolutions[0])
         request = protocol.SubmitRequest([protocol.View(png, view.camera) for png, view in zip(pngs, self.job.views)],
-                                         self.job.options)
+                                         options)
         request.check_supported(capabilities)
         resubmitted = False
         while True:
