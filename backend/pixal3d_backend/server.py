@@ -341,6 +341,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", help="model directory or id; default: the bundled default model")
     parser.add_argument("--device", help="torch device, e.g. cuda:0; default: the first GPU, else the CPU")
     parser.add_argument("--low-vram", action="store_true", help="keep models on the CPU between stages")
+    parser.add_argument("--dinov3", help="local DINOv3 ViT-L/16 folder (official models; default: $PIXAL3D_DINOV3 "
+                        "or the Hugging Face cache)")
+    parser.add_argument("--naf", help="local naf_release.pth (official models; default: $PIXAL3D_NAF or the torch "
+                        "hub cache)")
     return parser
 
 
@@ -359,11 +363,11 @@ def serve_main(argv: list[str], create_generator: Callable[[argparse.Namespace],
         return 2
     if create_generator is None:
         from .service import create_generator
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())     # before "listening": a stop request may follow it at once
     server = Server(create_generator(args), bind=bind, queue_size=args.queue_size, store_dir=args.store_dir,
                     curve_secret_key=secret, store_max_bytes=int(args.store_max_gb * (1 << 30))).start()
     print(f"pixal3d backend listening on {server.address}", flush=True)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
         while not stop.wait(0.5):     # a timed wait, so Ctrl+C gets through on every platform
             pass

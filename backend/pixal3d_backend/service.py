@@ -130,7 +130,7 @@ def default_device() -> str:
 def create_generator(args: argparse.Namespace) -> Generator:
     """Used by `pixal3d serve`: loads the model once; the server keeps it warm between jobs."""
     model = load_model(args.model, device=args.device or default_device(), low_vram=args.low_vram,
-                       dinov3_path=getattr(args, "dinov3", None), naf_path=getattr(args, "naf", None))
+                       dinov3_path=args.dinov3, naf_path=args.naf)
     return Generator(model)
 
 
