@@ -27,6 +27,7 @@ import argparse
 import io
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -337,10 +338,12 @@ METRICS = ("iou", "psnr", "ssim", "chamfer_visible", "f@0.01_visible", "f@0.05_v
            "f@0.01_full", "f@0.05_full", "depth_scale")
 
 
-def evaluate(model: LoadedModel | Generator, seeds: list[int], options: EvalOptions | None = None) -> dict:
+def evaluate(model: LoadedModel | Generator, seeds: list[int], options: EvalOptions | None = None,
+             on_object=lambda metrics: None) -> dict:
     """Metrics of `model` on the eval objects `seeds`: {"objects": [per-object dicts], "mean": {...}, ...}.
     Writes `<seed>.png` grids and `metrics.json` to `options.out` when it is set. `model` may also be anything
-    with a Generator's `run`, `capabilities` and `model` (tests pass an oracle)."""
+    with a Generator's `run`, `capabilities` and `model` (tests pass an oracle). `on_object` sees each object's
+    metrics as soon as they are measured (a long CPU run reports progress through it)."""
     generator = Generator(model) if isinstance(model, LoadedModel) else model
     options = options or EvalOptions()
     max_views = generator.capabilities()["max_views"]
@@ -352,6 +355,7 @@ def evaluate(model: LoadedModel | Generator, seeds: list[int], options: EvalOpti
     for seed in seeds:
         metrics, grid = evaluate_object(generator, seed, options)
         objects.append(metrics)
+        on_object(metrics)
         if options.out is not None:
             grid.save(options.out / f"{seed}.png")
     result = {"model_id": generator.model.model_id, "model_hash": generator.model.model_hash,
@@ -407,7 +411,9 @@ def main(argv: list[str]) -> int:
                        naf_path=a.naf)
     options = EvalOptions(image_size=a.image_size, views=a.views, points=a.points, generation=generation, out=a.out)
     seeds = [seed_of("eval", a.first + i) for i in range(a.objects)]
-    result = evaluate(model, seeds, options)
+    report = lambda m: print(f"{m['seed']} {m['category']}: IoU {m['iou']:.3f}, F@0.05 visible "
+                             f"{m['f@0.05_visible']:.3f}, {m['total_s']:.0f} s", file=sys.stderr, flush=True)
+    result = evaluate(model, seeds, options, report)
     print(table(result))
     print(f"wrote {a.out / 'metrics.json'} and {len(seeds)} grids")
     return 0
