@@ -95,6 +95,14 @@ def _start(operator, context, spec: dict) -> set:
     return {'FINISHED'}
 
 
+def _idle(operator_class) -> bool:
+    """One job at a time: operators that start one are greyed out, with the reason, while one runs."""
+    if runtime.busy():
+        operator_class.poll_message_set("A Pixal3D job is running: wait for it or cancel it")
+        return False
+    return True
+
+
 class PIXAL3D_OT_generate(bpy.types.Operator):
     """Generate a textured 3D object from the chosen source and place it in the source camera's view"""
     bl_idname = "pixal3d.generate"
@@ -103,8 +111,7 @@ class PIXAL3D_OT_generate(bpy.types.Operator):
 
     @classmethod
     def poll(cls, context):
-        if runtime.busy():
-            cls.poll_message_set("A Pixal3D job is running: wait for it or cancel it")
+        if not _idle(cls):
             return False
         settings = context.scene.pixal3d
         if settings.source == "CAMERA" and context.scene.camera is None:
@@ -136,8 +143,7 @@ class PIXAL3D_OT_regenerate(bpy.types.Operator):
 
     @classmethod
     def poll(cls, context):
-        if runtime.busy():
-            cls.poll_message_set("A Pixal3D job is running: wait for it or cancel it")
+        if not _idle(cls):
             return False
         obj = context.active_object
         if obj is None or "pixal3d" not in obj:

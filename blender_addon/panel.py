@@ -3,11 +3,23 @@ import bpy
 
 
 
-class PIXAL3D_PT_main(bpy.types.Panel):
-    bl_label = "Pixal3D"
+class _SidebarPanel:
+    """Where every Pixal3D panel lives: the 3D view's sidebar (N), "Pixal3D" tab."""
     bl_space_type = 'VIEW_3D'
     bl_region_type = 'UI'
     bl_category = "Pixal3D"
+
+
+class _SubPanel(_SidebarPanel):
+    bl_parent_id = "PIXAL3D_PT_main"
+
+
+class _ClosedSubPanel(_SubPanel):
+    bl_options = {'DEFAULT_CLOSED'}
+
+
+class PIXAL3D_PT_main(_SidebarPanel, bpy.types.Panel):
+    bl_label = "Pixal3D"
 
     def draw(self, context):
         layout = self.layout
@@ -61,13 +73,8 @@ class PIXAL3D_PT_main(bpy.types.Panel):
             layout.label(text=status.backend, icon='LINKED')
 
 
-class PIXAL3D_PT_sampling(bpy.types.Panel):
+class PIXAL3D_PT_sampling(_ClosedSubPanel, bpy.types.Panel):
     bl_label = "Sampling"
-    bl_space_type = 'VIEW_3D'
-    bl_region_type = 'UI'
-    bl_category = "Pixal3D"
-    bl_parent_id = "PIXAL3D_PT_main"
-    bl_options = {'DEFAULT_CLOSED'}
 
     def draw(self, context):
         layout = self.layout
@@ -84,13 +91,8 @@ class PIXAL3D_PT_sampling(bpy.types.Panel):
         col.prop(settings, "low_vram")
 
 
-class PIXAL3D_PT_placement(bpy.types.Panel):
+class PIXAL3D_PT_placement(_ClosedSubPanel, bpy.types.Panel):
     bl_label = "Placement"
-    bl_space_type = 'VIEW_3D'
-    bl_region_type = 'UI'
-    bl_category = "Pixal3D"
-    bl_parent_id = "PIXAL3D_PT_main"
-    bl_options = {'DEFAULT_CLOSED'}
 
     def draw(self, context):
         layout = self.layout
@@ -101,12 +103,8 @@ class PIXAL3D_PT_placement(bpy.types.Panel):
         layout.prop(settings, "parent_to_camera")
 
 
-class PIXAL3D_PT_object(bpy.types.Panel):
+class PIXAL3D_PT_object(_SubPanel, bpy.types.Panel):
     bl_label = "Generated Object"
-    bl_space_type = 'VIEW_3D'
-    bl_region_type = 'UI'
-    bl_category = "Pixal3D"
-    bl_parent_id = "PIXAL3D_PT_main"
 
     @classmethod
     def poll(cls, context):

@@ -18,14 +18,10 @@ def _is_closed_and_oriented(faces):
     return len(forward) == len(directed) and all((b, a) in forward for a, b in forward)
 
 
-def _sphere_voxels(res=24, radius=0.3):
-    """Voxels and edge flags of a sphere SDF sampled at the grid points (voxel corners).
-
-    The edge of voxel c along axis a runs between grid points c + 1 - e_a and c + 1 (the corner shared by the
-    4 voxels of its quad); it is flagged when the SDF changes sign along it."""
-    g = torch.arange(res + 1, dtype=torch.float32) / res - 0.5
-    sdf = torch.stack(torch.meshgrid(g, g, g, indexing="ij"), -1).norm(dim=-1) - radius
-    inside = sdf < 0
+def _all_voxels_and_flags(inside):
+    """Every voxel of the grid whose corners are the points of `inside` [R+1]^3, and its edge flags: the edge of
+    voxel c along axis a runs between grid points c + 1 - e_a and c + 1 and is flagged on a sign change."""
+    res = inside.shape[0] - 1
     coords = torch.stack(torch.meshgrid(*[torch.arange(res)] * 3, indexing="ij"), -1).reshape(-1, 3)
     hi = coords + 1
     flags = []
@@ -33,7 +29,17 @@ def _sphere_voxels(res=24, radius=0.3):
         lo = hi.clone()
         lo[:, axis] -= 1
         flags.append(inside[tuple(lo.T)] != inside[tuple(hi.T)])
-    flags = torch.stack(flags, 1)
+    return coords, torch.stack(flags, 1)
+
+
+def _sphere_voxels(res=24, radius=0.3):
+    """Voxels and edge flags of a sphere SDF sampled at the grid points (voxel corners).
+
+    The edge of voxel c along axis a runs between grid points c + 1 - e_a and c + 1 (the corner shared by the
+    4 voxels of its quad); it is flagged when the SDF changes sign along it."""
+    g = torch.arange(res + 1, dtype=torch.float32) / res - 0.5
+    sdf = torch.stack(torch.meshgrid(g, g, g, indexing="ij"), -1).norm(dim=-1) - radius
+    coords, flags = _all_voxels_and_flags(sdf < 0)
     # keep every voxel touching a crossing edge: all 4 voxels of each quad exist
     keep = torch.zeros(res, res, res, dtype=torch.bool)
     quad = torch.tensor([[[0, 0, 0], [0, 0, 1], [0, 1, 1], [0, 1, 0]], [[0, 0, 0], [1, 0, 0], [1, 0, 1], [0, 0, 1]],
@@ -169,15 +175,7 @@ def test_orient_outward_makes_a_torus_and_a_nested_shell_consistent():
     shell = torch.maximum(p.norm(dim=-1) - 0.4, 0.2 - p.norm(dim=-1))
     for sdf, volume in ((torus, 2 * torch.pi ** 2 * torus_major * torus_minor ** 2),
                         (shell, 4 / 3 * torch.pi * (0.4 ** 3 - 0.2 ** 3))):
-        inside = sdf < 0
-        coords = torch.stack(torch.meshgrid(*[torch.arange(res)] * 3, indexing="ij"), -1).reshape(-1, 3)
-        hi = coords + 1
-        flags = []
-        for axis in range(3):
-            lo = hi.clone()
-            lo[:, axis] -= 1
-            flags.append(inside[tuple(lo.T)] != inside[tuple(hi.T)])
-        flags = torch.stack(flags, 1)
+        coords, flags = _all_voxels_and_flags(sdf < 0)
         n = coords.shape[0]                    # every voxel of the grid: each flagged quad has its 4 voxels
         vertices, faces = flexible_dual_grid_to_mesh(coords, torch.full((n, 3), 0.5), flags, torch.ones(n), res)
         raw = VoxelMesh(vertices, faces, coords.int(), None, 1 / res)

@@ -138,34 +138,45 @@ def create_generator(args: argparse.Namespace) -> Generator:
 # `pixal3d generate`: one image -> GLB, in this process
 # ---------------------------------------------------------------------------------------------------------
 
-def generate_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="pixal3d generate", description="Generate a textured GLB from one RGBA image "
-                                "(the object's alpha is its mask) with the bundled default model or a snapshot.")
-    p.add_argument("image", type=Path, help="RGBA PNG with the object's alpha")
-    p.add_argument("-o", "--output", type=Path, help="GLB path (default: the image's name with .glb)")
-    p.add_argument("--fov", type=float, default=40.0, help="horizontal field of view of the photo, degrees")
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """The command-line options that choose and place a model, shared by `generate` and `eval`."""
     p.add_argument("--model", help="snapshot folder or Hugging Face repo id in the local cache; default: the bundled "
                    "default model")
     p.add_argument("--dinov3", help="local DINOv3 ViT-L/16 folder (official models only)")
     p.add_argument("--naf", help="local naf_release.pth (official models only)")
     p.add_argument("--device", default=None)
     p.add_argument("--low-vram", action="store_true")
-    for f in Options.__dataclass_fields__.values():
+    for f in dataclasses.fields(Options):
         if f.name != "low_vram":
             p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default) if not isinstance(f.default, bool)
                            else (lambda s: s.lower() in ("1", "true", "yes", "on")), default=None,
                            help=f.metadata.get("doc"))
+
+
+def model_from_arguments(a: argparse.Namespace) -> tuple[LoadedModel, dict]:
+    """The loaded model and the generation options given on the command line (the rest: the model's defaults)."""
+    model = load_model(a.model, device=a.device or default_device(), low_vram=a.low_vram, dinov3_path=a.dinov3,
+                       naf_path=a.naf)
+    given = {f.name: getattr(a, f.name) for f in dataclasses.fields(Options)
+             if f.name != "low_vram" and getattr(a, f.name) is not None}
+    return model, {**model.default_options, **given}
+
+
+def generate_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="pixal3d generate", description="Generate a textured GLB from one RGBA image "
+                                "(the object's alpha is its mask) with the bundled default model or a snapshot.")
+    p.add_argument("image", type=Path, help="RGBA PNG with the object's alpha")
+    p.add_argument("-o", "--output", type=Path, help="GLB path (default: the image's name with .glb)")
+    p.add_argument("--fov", type=float, default=40.0, help="horizontal field of view of the photo, degrees")
+    add_model_arguments(p)
     a = p.parse_args(argv)
     image = Image.open(a.image)
     if image.mode != "RGBA":
         image = image.convert("RGBA")
     buf = io.BytesIO()
     image.save(buf, format="PNG")
-    model = load_model(a.model, device=a.device or default_device(), low_vram=a.low_vram, dinov3_path=a.dinov3,
-                       naf_path=a.naf)
-    overrides = {name: getattr(a, name) for name in Options.__dataclass_fields__
-                 if name != "low_vram" and getattr(a, name) is not None}
-    options = Options(**{**model.default_options, **overrides})
+    model, options = model_from_arguments(a)
+    options = Options(**options)
     camera = protocol.Camera(hfov=np.radians(a.fov), width=image.width, height=image.height, c2w=np.eye(4))
     request = protocol.check(SubmitRequest([View(buf.getvalue(), camera)], options))
 
