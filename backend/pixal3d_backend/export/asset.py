@@ -2,9 +2,9 @@
 
 Steps (model frame until the end): small-hole filling (`mesh.fill_small_holes`, the official 3e-2 perimeter);
 optional remesh to a closed surface (walled in by the decoded voxels too, so porous decodes close);
-quadric decimation to the face target; xatlas unwrap; bake base colour + alpha, metallic, roughness from the
-voxel field at each texel's point, and optionally a tangent-space normal map from the decoded surface's normals
-at the texel's closest point on it; inpainting; uint8.
+quadric decimation to the face target; xatlas unwrap; bake base colour + alpha, metallic, roughness from the voxel field at each texel's point, and
+optionally a tangent-space normal map from the decoded surface's normals at the texel's closest point on it;
+inpainting; uint8.
 The result is rotated into the official GLB frame (`camera.R_MODEL_TO_GLB`, spec §7), a proper rotation, so
 winding, UVs and tangent-space normals are unchanged.
 """
