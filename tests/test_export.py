@@ -18,7 +18,6 @@ from pixal3d_backend.export import ExportOptions, GlbCamera, export_asset, write
 from pixal3d_backend.export.bake import vertex_tangents
 from pixal3d_backend.export.decimate import decimate
 from pixal3d_backend.export.remesh import remesh
-from pixal3d_backend.mesh import VoxelMesh, flexible_dual_grid_to_mesh, orient_outward
 
 RES = 48
 RADIUS = 0.35
@@ -136,37 +135,6 @@ def test_remesh_keeps_closed_input_watertight():
     box.apply_translation((0.0, 0.0, -0.2))
     out = _remeshed(trimesh.util.concatenate([torus, box]))
     assert out.is_watertight and out.is_winding_consistent and out.volume > 0
-
-
-def _porous_sphere_decode(drop: float, seed=0):
-    """A flexible-dual-grid decode of the sphere (voxel band, dual vertices on the sphere) whose mesh lost a
-    fraction `drop` of its quads, then oriented like the pipeline does (crossing parity along lattice lines,
-    which every hole on a line gets wrong)."""
-    coords, _ = sphere_voxels(alpha_cut=False)
-    c = torch.as_tensor(coords)
-    centre = (c.double() + 0.5) / RES - 0.5
-    on_sphere = centre * (RADIUS / centre.norm(dim=1, keepdim=True))
-    offsets = ((on_sphere + 0.5) * RES - c).clamp(0, 1)
-    inside = lambda q: ((q.double() / RES - 0.5).norm(dim=-1) < RADIUS)
-    # the primal edge along axis a of voxel c runs from lattice point c + 1 - e_a (see mesh.QUAD_OFFSETS)
-    start = c[:, None, :] + 1 - torch.eye(3, dtype=c.dtype)
-    intersected = inside(start) != inside(start + torch.eye(3, dtype=c.dtype))
-    v, f = flexible_dual_grid_to_mesh(c, offsets, intersected, torch.ones(len(c)), RES)
-    quads = f.reshape(-1, 2, 3)
-    keep = torch.rand(len(quads), generator=torch.Generator().manual_seed(seed)) >= drop
-    mesh = orient_outward(VoxelMesh(v, quads[keep].reshape(-1, 3), c.int(), None, 1.0 / RES))
-    return mesh.vertices, mesh.faces.long(), c
-
-
-def test_remesh_closes_a_porous_decode_from_its_voxels():
-    v, f, coords = _porous_sphere_decode(drop=0.3)
-    raw = trimesh.Trimesh(v.numpy(), f.numpy(), process=False)
-    assert len(raw.split(only_watertight=False)) > 50            # the raw mesh is in pieces, riddled with holes
-    out, faces = remesh(v, f, RES, voxel_coords=coords, voxel_resolution=RES)
-    mesh = trimesh.Trimesh(out.numpy(), faces.numpy(), process=False)
-    assert len(mesh.split(only_watertight=False)) == 1
-    assert mesh.is_watertight and mesh.is_winding_consistent and mesh.volume > 0
-    assert np.abs(np.linalg.norm(out.numpy(), axis=1) - RADIUS).max() < 1.0 / RES
 
 
 def _read_glb(path):
