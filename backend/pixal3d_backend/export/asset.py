@@ -1,8 +1,8 @@
 """The export stage: decoded mesh + voxel PBR attributes -> a UV-mapped, decimated asset with baked maps.
 
 Steps (model frame until the end): small-hole filling (`mesh.fill_small_holes`, the official 3e-2 perimeter);
-optional remesh to a closed surface (walled in by the decoded voxels too, so porous decodes close);
-quadric decimation to the face target; xatlas unwrap; bake base colour + alpha, metallic, roughness from the voxel field at each texel's point, and
+optional remesh to a closed surface; quadric decimation to the face target;
+xatlas unwrap; bake base colour + alpha, metallic, roughness from the voxel field at each texel's point, and
 optionally a tangent-space normal map from the decoded surface's normals at the texel's closest point on it;
 inpainting; uint8.
 The result is rotated into the official GLB frame (`camera.R_MODEL_TO_GLB`, spec §7), a proper rotation, so
@@ -113,8 +113,8 @@ def export_asset(mesh_vertices, mesh_faces, voxel_coords, voxel_attrs, resolutio
     ref_v = torch.as_tensor(np.asarray(mesh_vertices), dtype=torch.float32, device=dev)
     ref_f = torch.as_tensor(np.asarray(mesh_faces), dtype=torch.long, device=dev)
     ref_v, ref_f = fill_small_holes(ref_v, ref_f)
-    coords = torch.as_tensor(np.asarray(voxel_coords), device=dev)
-    field_ = SparseVoxelField(coords, torch.as_tensor(np.asarray(voxel_attrs), device=dev), resolution)
+    field_ = SparseVoxelField(torch.as_tensor(np.asarray(voxel_coords), device=dev),
+                              torch.as_tensor(np.asarray(voxel_attrs), device=dev), resolution)
     reference = None
     if options.normal_map:
         h = 1.0 / resolution
@@ -126,7 +126,7 @@ def export_asset(mesh_vertices, mesh_faces, voxel_coords, voxel_attrs, resolutio
     v, f = ref_v, ref_f
     if options.remesh:
         r = options.remesh_resolution or default_remesh_resolution(resolution, options.face_target)
-        v, f = remesh(v, f, r, voxel_coords=coords, voxel_resolution=resolution)
+        v, f = remesh(v, f, r)
         lap("remesh")
     v_np, f_np = decimate(v.cpu().numpy(), f.cpu().numpy(), options.face_target)
     lap("decimate")
