@@ -43,10 +43,10 @@ from .data import ProceduralDataset, make_object, render_views, seed_of, surface
 from .data.render import pixel_rays, sphere_trace
 from .data.shapes import ObjectField
 from .data.views import View, framing_distance, rotation_y
-from .loading import LoadedModel, load_model
+from .loading import LoadedModel
 from .protocol import Options, SubmitRequest
 from .render_mesh import Rendered, project, render_albedo, scaled
-from .service import Generator, default_device
+from .service import Generator, add_model_arguments, model_from_arguments
 
 Tensor = torch.Tensor
 
@@ -383,8 +383,6 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="pixal3d eval", description="Evaluate a model on the held-out procedural set: "
                                 "input-view mask IoU and masked PSNR/SSIM of albedo renders, visible-surface and "
                                 "full-shape Chamfer distance and F-score, a PNG grid per object.")
-    p.add_argument("--model", help="snapshot folder or Hugging Face repo id in the local cache; default: the bundled "
-                   "default model")
     p.add_argument("--objects", type=int, default=16, help="how many eval objects")
     p.add_argument("--first", type=int, default=0, help="index of the first eval object")
     p.add_argument("--views", type=int, default=1, help="cameras around the object sent to the generator "
@@ -393,22 +391,11 @@ def main(argv: list[str]) -> int:
     p.add_argument("--image-size", type=int, default=EvalOptions.image_size)
     p.add_argument("--points", type=int, default=EvalOptions.points, help="surface samples per side")
     p.add_argument("--steps", type=int, help="sampler steps of every stage (shorthand for the three --*-steps)")
-    p.add_argument("--dinov3", help="local DINOv3 ViT-L/16 folder (official models only)")
-    p.add_argument("--naf", help="local naf_release.pth (official models only)")
-    p.add_argument("--device", default=None)
-    p.add_argument("--low-vram", action="store_true")
-    for f in Options.__dataclass_fields__.values():
-        if f.name != "low_vram":
-            p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default) if not isinstance(f.default, bool)
-                           else (lambda s: s.lower() in ("1", "true", "yes", "on")), default=None,
-                           help=f.metadata.get("doc"))
+    add_model_arguments(p)
     a = p.parse_args(argv)
-    generation = {name: getattr(a, name) for name in Options.__dataclass_fields__
-                  if name != "low_vram" and getattr(a, name) is not None}
+    model, generation = model_from_arguments(a)
     if a.steps is not None:
         generation.update(ss_steps=a.steps, shape_steps=a.steps, tex_steps=a.steps)
-    model = load_model(a.model, device=a.device or default_device(), low_vram=a.low_vram, dinov3_path=a.dinov3,
-                       naf_path=a.naf)
     options = EvalOptions(image_size=a.image_size, views=a.views, points=a.points, generation=generation, out=a.out)
     seeds = [seed_of("eval", a.first + i) for i in range(a.objects)]
     report = lambda m: print(f"{m['seed']} {m['category']}: IoU {m['iou']:.3f}, F@0.05 visible "
