@@ -17,11 +17,7 @@ from __future__ import annotations
 
 import math
 import os
-import select
 import shutil
-import signal
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +26,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 
+from backend_process import start_serve, stop_serve
 from blender_helpers import REPO, check_material, enable_addon, reset_scene, run_timer
 
 bpy, addon = enable_addon()
@@ -39,7 +36,6 @@ from bpy_extras.object_utils import world_to_camera_view   # noqa: E402  (import
 from mathutils import Matrix, Vector                        # noqa: E402
 
 FIGURE = REPO / "docs" / "figures" / "roundtrip.png"
-STARTUP_TIMEOUT_S = 240.0        # loading the default model: ~15 s alone, more while the machine is busy
 GENERATION_TIMEOUT_S = 900.0     # one generation: ~60-90 s on two CPU cores
 SEED = 7
 RES_X, RES_Y = 480, 360          # non-square on purpose
@@ -49,39 +45,6 @@ BACKGROUND = (0.94, 0.94, 0.94)  # the figure's panels
 # ---------------------------------------------------------------------------------------------------------
 # A real `pixal3d serve`
 # ---------------------------------------------------------------------------------------------------------
-
-def start_serve(store_dir: Path, log_path: Path) -> tuple[subprocess.Popen, str]:
-    """`pixal3d serve` with the bundled default model on a free loopback port; returns (process, address)
-    once it listens. Its log (stderr) goes to `log_path`."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "backend"), os.environ.get("PYTHONPATH", "")]))
-    log = open(log_path, "w")
-    process = subprocess.Popen([sys.executable, "-m", "pixal3d_backend.cli", "serve", "--bind", "127.0.0.1",
-                                "--port", "0", "--store-dir", str(store_dir), "--device", "cpu"],
-                               stdout=subprocess.PIPE, stderr=log, text=True, env=env)
-    log.close()
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([process.stdout], [], [], 1.0)
-        if ready:
-            line = process.stdout.readline()
-            if "listening on" in line:
-                return process, line.split()[-1]
-        if process.poll() is not None:
-            break
-    process.kill()
-    process.wait()
-    raise AssertionError(f"`pixal3d serve` did not start (exit code {process.returncode}); its log:\n"
-                         + log_path.read_text()[-3000:])
-
-
-def stop_serve(process: subprocess.Popen) -> None:
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
 
 # ---------------------------------------------------------------------------------------------------------
 # The scene: a mug from primitives, a long-lens camera with shift
