@@ -286,8 +286,9 @@ def test_finished_results_survive_a_server_restart(serve, tmp_path):
 def test_job_store_evicts_the_oldest_results_first(serve):
     server = serve(store_max_bytes=1)        # room for only the newest job
     with client_for(server) as client:
-        old, new = (client.submit([object_view()], FAST) for _ in range(2))
-        run_to_result(client, old)
+        old = client.submit([object_view()], FAST)
+        run_to_result(client, old)          # fetched before the next job can finish and evict it
+        new = client.submit([object_view()], FAST)
         run_to_result(client, new)
         with pytest.raises(ProtocolError) as evicted:
             client.fetch(old)
