@@ -87,53 +87,54 @@ def apply_rope(x: torch.Tensor, phases: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(x_complex * phases.unsqueeze(-2)).flatten(-2).to(x.dtype)
 
 
-class SelfAttention(nn.Module):
-    """Multi-head self-attention with optional q/k RMS norm and RoPE (applied after the norm)."""
+class _MultiHeadAttention(nn.Module):
+    """What self- and cross-attention share: the head split, the optional q/k RMS norms and the output projection
+    (attribute names are the official checkpoint keys)."""
 
     def __init__(self, channels: int, num_heads: int, qk_rms_norm: bool):
         super().__init__()
         if channels % num_heads:
             raise ValueError(f"channels {channels} not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
-        self.to_qkv = nn.Linear(channels, 3 * channels)
         if qk_rms_norm:
             self.q_rms_norm = MultiHeadRMSNorm(channels // num_heads, num_heads)
             self.k_rms_norm = MultiHeadRMSNorm(channels // num_heads, num_heads)
         self.qk_rms_norm = qk_rms_norm
         self.to_out = nn.Linear(channels, channels)
 
+    def _normed(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return (self.q_rms_norm(q), self.k_rms_norm(k)) if self.qk_rms_norm else (q, k)
+
+
+class SelfAttention(_MultiHeadAttention):
+    """Multi-head self-attention with optional q/k RMS norm and RoPE (applied after the norm)."""
+
+    def __init__(self, channels: int, num_heads: int, qk_rms_norm: bool):
+        super().__init__(channels, num_heads, qk_rms_norm)
+        self.to_qkv = nn.Linear(channels, 3 * channels)
+
     def forward(self, x: torch.Tensor, phases: torch.Tensor | None, layout: VarLenLayout | None) -> torch.Tensor:
         """x [B, L, C] (layout None) or packed [N, C]; phases [L or N, d/2] or None for no RoPE."""
         q, k, v = self.to_qkv(x).unflatten(-1, (3, self.num_heads, -1)).unbind(-3)
-        if self.qk_rms_norm:
-            q, k = self.q_rms_norm(q), self.k_rms_norm(k)
+        q, k = self._normed(q, k)
         if phases is not None:
             q, k = apply_rope(q, phases), apply_rope(k, phases)
         return self.to_out(attention(q, k, v, layout).flatten(-2))
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(_MultiHeadAttention):
     """Multi-head attention of the tokens to a dense context [B, M, Cc] (no RoPE)."""
 
     def __init__(self, channels: int, context_channels: int, num_heads: int, qk_rms_norm: bool):
-        super().__init__()
-        if channels % num_heads:
-            raise ValueError(f"channels {channels} not divisible by num_heads {num_heads}")
-        self.num_heads = num_heads
+        super().__init__(channels, num_heads, qk_rms_norm)
         self.to_q = nn.Linear(channels, channels)
         self.to_kv = nn.Linear(context_channels, 2 * channels)
-        if qk_rms_norm:
-            self.q_rms_norm = MultiHeadRMSNorm(channels // num_heads, num_heads)
-            self.k_rms_norm = MultiHeadRMSNorm(channels // num_heads, num_heads)
-        self.qk_rms_norm = qk_rms_norm
-        self.to_out = nn.Linear(channels, channels)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, layout: VarLenLayout | None) -> torch.Tensor:
         """x [B, L, C] (layout None) or packed [N, C] (layout.kv_lens = (M,) * B); context [B, M, Cc]."""
         q = self.to_q(x).unflatten(-1, (self.num_heads, -1))
         k, v = self.to_kv(context).unflatten(-1, (2, self.num_heads, -1)).unbind(-3)
-        if self.qk_rms_norm:
-            q, k = self.q_rms_norm(q), self.k_rms_norm(k)
+        q, k = self._normed(q, k)
         if layout is not None:
             k, v = k.flatten(0, 1), v.flatten(0, 1)
         return self.to_out(attention(q, k, v, layout).flatten(-2))
