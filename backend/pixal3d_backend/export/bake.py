@@ -17,10 +17,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from pixal3d_kernels.uv_raster import rasterize_uv
 
 from .closest import ClosestTriangleBand
 from .inpaint import inpaint
-from .raster import rasterize_uv
 from .voxel_field import SparseVoxelField
 
 
