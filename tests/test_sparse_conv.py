@@ -1,11 +1,13 @@
-"""Submanifold sparse conv: both backends against dense F.conv3d and against each other."""
+"""Submanifold sparse conv: the backends against dense F.conv3d and against each other (the Triton kernels
+against their references: tests/kernels)."""
 import pytest
 import torch
 import torch.nn.functional as F
+from pixal3d_kernels import sparse_conv
+from pixal3d_kernels.sparse_conv import CoordinateIndex, build_neighbor_map
 
-from pixal3d_backend import sparse_conv
 from pixal3d_backend.sparse import SparseTensor
-from pixal3d_backend.sparse_conv import CoordinateIndex, SubMConv3d, build_neighbor_map
+from pixal3d_backend.sparse_conv import SubMConv3d
 
 
 def _random_sparse(batch=3, res=9, density=0.3, channels=5, seed=0):
@@ -37,7 +39,7 @@ def test_coordinate_index_rejects_outside_and_missing():
     assert found.tolist() == [2, 0, -1, -1, -1, 1]
 
 
-@pytest.mark.parametrize("backend", ["torch", "spconv"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "spconv"])
 def test_backend_matches_dense_conv3d(backend, monkeypatch):
     if backend == "spconv":
         pytest.importorskip("spconv.pytorch")
@@ -77,9 +79,9 @@ def test_chunked_gemm_equals_single_chunk(monkeypatch):
     conv = SubMConv3d(8, 4)
     nmap = build_neighbor_map(coords)
     with torch.no_grad():
-        whole = sparse_conv.submanifold_conv3d(feats, nmap, conv.weight, conv.bias)
+        whole = sparse_conv.submanifold_conv3d_reference(feats, nmap, conv.weight, conv.bias)
         monkeypatch.setattr(sparse_conv, "_GATHER_BUDGET", 27 * 8 * 7)    # 7 rows per chunk
-        chunked = sparse_conv.submanifold_conv3d(feats, nmap, conv.weight, conv.bias)
+        chunked = sparse_conv.submanifold_conv3d_reference(feats, nmap, conv.weight, conv.bias)
     torch.testing.assert_close(chunked, whole)
 
 
