@@ -5,7 +5,9 @@ The only learned part is an image encoder. Its output (with 2-D RoPE) gives the 
 T x T; the keys are the same map average-pooled to the feature-map size and repeated back to T (nearest);
 the values are the low-res features repeated to T. Each output pixel then attends to a 9 x 9 neighbourhood,
 dilated by T // h so the window spans 9 distinct low-res cells. The attention has no projections, so the
-output is a convex combination of low-res feature vectors, weighted by image similarity.
+output is a convex combination of low-res feature vectors, weighted by image similarity. When T is a multiple of
+the feature-map size, keys and values are passed per low-res cell (`kv_repeat`): the Triton kernel never builds
+their repeats (see `pixal3d_kernels.neighborhood_attention`).
 """
 from __future__ import annotations
 
@@ -13,65 +15,8 @@ import math
 
 import torch
 import torch.nn.functional as F
+from pixal3d_kernels.neighborhood_attention import neighborhood_attention_2d, neighborhood_indices  # noqa: F401
 from torch import nn
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Neighbourhood attention (NATTEN `na2d` semantics), pure PyTorch
-# ---------------------------------------------------------------------------------------------------------
-
-def neighborhood_indices(length: int, kernel_size: int, dilation: int, device=None) -> torch.Tensor:
-    """[length, kernel_size] indices of the 1-D neighbourhood of every position, as NATTEN defines it.
-
-    Position i only sees positions of its own residue class i % dilation. Within the class the window of
-    `kernel_size` is centred on i and shifted (not cropped or padded) to stay inside at the borders, so every
-    position has exactly `kernel_size` neighbours.
-    """
-    if length < kernel_size * dilation:
-        raise ValueError(f"neighbourhood attention needs length >= kernel_size * dilation, got {length} < "
-                         f"{kernel_size} * {dilation}")
-    i = torch.arange(length, device=device)
-    residue = i % dilation
-    class_length = (length - residue + dilation - 1) // dilation
-    start = (i // dilation - kernel_size // 2).clamp(min=0)
-    start = torch.minimum(start, class_length - kernel_size)
-    return residue[:, None] + dilation * (start[:, None] + torch.arange(kernel_size, device=device))
-
-
-def _pair(x) -> tuple[int, int]:
-    return (x, x) if isinstance(x, int) else tuple(x)
-
-
-def neighborhood_attention_2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size, dilation,
-                              scale: float | None = None, max_chunk_elements: int = 1 << 26) -> torch.Tensor:
-    """2-D neighbourhood attention with NATTEN `na2d` semantics.
-
-    q, k: [B, H, W, heads, D]; v: [B, H, W, heads, Dv] -> [B, H, W, heads, Dv]. `scale` defaults to D^-0.5.
-    Query rows are processed in chunks and the kernel rows one at a time, so no intermediate holds more than
-    about `max_chunk_elements` gathered neighbour values (a full gather is B*H*W*kh*kw*C, far too large at
-    T = 1024 with 1024 channels). Softmax is computed in float32.
-    """
-    (kh, kw), (dh, dw) = _pair(kernel_size), _pair(dilation)
-    B, H, W, heads, D = q.shape
-    rows = neighborhood_indices(H, kh, dh, q.device)                                # [H, kh]
-    cols = neighborhood_indices(W, kw, dw, q.device)                                # [W, kw]
-    scale = D ** -0.5 if scale is None else scale
-    out = v.new_empty(B, H, W, heads, v.shape[-1])
-    per_row = B * W * kw * heads * max(D, v.shape[-1])
-    chunk = max(1, max_chunk_elements // per_row)
-    for r0 in range(0, H, chunk):
-        row_nb = rows[r0:r0 + chunk]                                                # [h, kh]
-        qc = q[:, r0:r0 + chunk] * scale
-        # logits[..., a*kw + b] = q . k[row_nb[:, a], cols[:, b]]
-        logits = torch.cat([torch.einsum("bhwnd,bhwjnd->bhwnj", qc, k[:, row_nb[:, a]][:, :, cols])
-                            for a in range(kh)], -1)
-        attn = logits.float().softmax(-1).to(v.dtype)
-        acc = 0
-        for a in range(kh):
-            acc = acc + torch.einsum("bhwnj,bhwjnd->bhwnd", attn[..., a * kw:(a + 1) * kw],
-                                     v[:, row_nb[:, a]][:, :, cols])
-        out[:, r0:r0 + chunk] = acc
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -174,11 +119,16 @@ class NAF(nn.Module):
     def forward(self, image: torch.Tensor, features: torch.Tensor, output_size) -> torch.Tensor:
         output_size = tuple(int(s) for s in output_size)
         queries = self.image_encoder(image, output_size)
-        keys = F.adaptive_avg_pool2d(queries, features.shape[-2:])
-        dilation = (output_size[0] // features.shape[-2], output_size[1] // features.shape[-1])
+        cells = tuple(features.shape[-2:])
+        keys = F.adaptive_avg_pool2d(queries, cells)
+        dilation = (output_size[0] // cells[0], output_size[1] // cells[1])
         q = self._heads(queries, output_size)
-        k = self._heads(keys, output_size)
-        v = self._heads(features.to(q.dtype), output_size)
-        out = neighborhood_attention_2d(q, k, v, self.kernel_size, dilation)         # [B, T, T, heads, d]
+        if output_size == (cells[0] * dilation[0], cells[1] * dilation[1]):
+            # nearest-exact by an integer factor repeats every cell: keys and values stay per cell
+            k, v = self._heads(keys, cells), self._heads(features.to(q.dtype), cells)
+            out = neighborhood_attention_2d(q, k, v, self.kernel_size, dilation, kv_repeat=dilation)
+        else:
+            k, v = self._heads(keys, output_size), self._heads(features.to(q.dtype), output_size)
+            out = neighborhood_attention_2d(q, k, v, self.kernel_size, dilation)     # [B, T, T, heads, d]
         B, H, W = out.shape[:3]
         return out.permute(0, 3, 4, 1, 2).reshape(B, -1, H, W)
