@@ -19,7 +19,7 @@ from PIL import Image
 
 from pixal3d_backend import protocol
 from pixal3d_backend.camera import CropCamera
-from pixal3d_backend.client import BackendUnavailable, Busy, Client
+from pixal3d_backend.client import AccessRefused, BackendUnavailable, Busy, Client
 from pixal3d_backend.protocol import ErrorCode, JobState, JobStatus, Options, ProtocolError, Result, View
 from pixal3d_backend.server import Server, keys_main, read_key, serve_main, write_keypair
 
@@ -342,6 +342,53 @@ def test_curve_server_refuses_clients_without_its_key_and_serves_those_with_it(s
     with client_for(server, server_public_key=public_path.read_text()) as trusted:
         assert trusted.hello().model_id == "test-silhouette"
         assert isinstance(run_to_result(trusted, trusted.submit([object_view()], FAST)), Result)
+
+
+def test_allow_list_refuses_unknown_client_keys_clearly_and_serves_allowed_ones(serve, tmp_path):
+    server_public, server_secret = write_keypair(tmp_path / "keys")
+    allowed_dir = tmp_path / "allowed"
+    write_keypair(allowed_dir, "laptop")
+    laptop = (read_key(allowed_dir / "laptop.public"), read_key(allowed_dir / "laptop.secret"))
+    server = serve(curve_secret_key=read_key(server_secret), client_keys_dir=allowed_dir)
+    stranger_keys = tuple(k.decode() for k in zmq.curve_keypair())
+    for keypair in (stranger_keys, None):       # a client key the server does not know, or none at all
+        with client_for(server, server_public_key=read_key(server_public), client_keypair=keypair) as stranger:
+            started = time.monotonic()
+            with pytest.raises(AccessRefused, match="--client-keys") as refused:
+                stranger.hello()
+            assert time.monotonic() - started < 1.0          # told at once, not after the timeout
+            if keypair is not None:
+                assert stranger_keys[0] in str(refused.value)   # the key to allow
+    with client_for(server, server_public_key=read_key(server_public), client_keypair=laptop) as trusted:
+        assert trusted.hello().model_id == "test-silhouette"
+        assert isinstance(run_to_result(trusted, trusted.submit([object_view()], FAST)), Result)
+    # A key put in the folder is allowed from the next connection on, without a restart.
+    (allowed_dir / "desktop.public").write_text(stranger_keys[0] + "\n")
+    with client_for(server, server_public_key=read_key(server_public), client_keypair=stranger_keys) as admitted:
+        assert admitted.hello().model_id == "test-silhouette"
+
+
+def test_serve_checks_client_keys_before_loading_the_model(tmp_path):
+    _, secret = write_keypair(tmp_path / "keys")
+    (tmp_path / "empty").mkdir()
+
+    def must_not_load(args):
+        raise AssertionError("the model must not be loaded before the command line is checked")
+    common = ["--store-dir", str(tmp_path / "store"), "--port", "0"]
+    assert serve_main([*common, "--client-keys", str(tmp_path / "empty")], create_generator=must_not_load) == 2
+    assert serve_main([*common, "--client-keys", str(tmp_path / "empty"), "--curve-secret-key", str(secret)],
+                      create_generator=must_not_load) == 2
+    with pytest.raises(ValueError, match="secret key"):
+        Server(SilhouetteGenerator(), bind="tcp://127.0.0.1:*", store_dir=tmp_path, client_keys_dir=tmp_path / "keys")
+
+
+def test_keys_command_makes_a_client_keypair(tmp_path, capsys):
+    assert keys_main(["--client", "laptop", "--dir", str(tmp_path)]) == 0
+    public = read_key(tmp_path / "laptop.public").decode()
+    out = capsys.readouterr().out
+    assert public in out and "--client-keys" in out
+    assert oct((tmp_path / "laptop.secret").stat().st_mode & 0o777) == "0o600"
+    assert zmq.curve_public(read_key(tmp_path / "laptop.secret")).decode() == public
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -7,6 +7,9 @@ Every call is one request and one reply over a DEALER socket, made reliable with
 (a resent submit is recognised by its request id, so it never creates a second job), and when every attempt is
 unanswered the call raises `BackendUnavailable`. Waiting for a job polls its status every `heartbeat_s`; those
 polls are the heartbeat, so a backend that dies mid-job is noticed within `heartbeat_s + timeout_s`.
+
+With CurveZMQ, a socket monitor watches the handshake: a backend that refuses this client's key (its
+`--client-keys` allow-list) is reported at once as `AccessRefused`, naming the key to allow.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import uuid
 from typing import Iterable, Iterator
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from . import protocol
 from .protocol import (Accepted, Cancelled, CancelRequest, Capabilities, ErrorCode, FetchRequest, Hello, JobList,
@@ -31,6 +35,10 @@ class BackendUnavailable(Exception):
     """No reply from the backend: it is not running, unreachable, or refused the CurveZMQ handshake."""
 
 
+class AccessRefused(BackendUnavailable):
+    """The backend completed the CurveZMQ handshake but does not allow this client's public key."""
+
+
 class Busy(ProtocolError):
     """The backend's queue is full; submitting again after a few seconds will work."""
 
@@ -39,20 +47,27 @@ class Client:
     """A connection to one backend. Not thread-safe: ZeroMQ sockets belong to the thread that uses them, so one
     thread (the add-on's worker) owns the client.
 
-    `server_public_key` (Z85, from `pixal3d keys`) turns on CurveZMQ: the client makes an ephemeral keypair and
-    only talks to the server holding the matching secret key.
+    `server_public_key` (Z85, from `pixal3d keys`) turns on CurveZMQ: the client only talks to the server holding
+    the matching secret key. It identifies itself with `client_keypair` (public, secret; Z85), which a server
+    with an allow-list must know, or else with a keypair made for this connection.
     """
 
     def __init__(self, address: str = DEFAULT_ADDRESS, server_public_key: bytes | str | None = None,
                  timeout_s: float = DEFAULT_TIMEOUT_S, heartbeat_s: float = DEFAULT_HEARTBEAT_S,
-                 name: str = "pixal3d client"):
+                 name: str = "pixal3d client", client_keypair: tuple[bytes | str, bytes | str] | None = None):
         if timeout_s <= 0 or heartbeat_s <= 0:
             raise ValueError("timeout_s and heartbeat_s must be positive")
+        if client_keypair is not None and server_public_key is None:
+            raise ValueError("a client key is only used with CurveZMQ: enter the server's public key as well")
         self.address, self.timeout_s, self.heartbeat_s, self.name = address, timeout_s, heartbeat_s, name
         self._server_key = _z85_key(server_public_key) if server_public_key is not None else None
-        self._keypair = zmq.curve_keypair() if self._server_key is not None else None
+        if client_keypair is not None:
+            self._keypair = (_z85_key(client_keypair[0]), _z85_key(client_keypair[1], "secret"))
+        else:
+            self._keypair = zmq.curve_keypair() if self._server_key is not None else None
         self._context = zmq.Context()
         self._socket: zmq.Socket | None = None
+        self._monitor: zmq.Socket | None = None         # the CurveZMQ handshake's events
 
     # -- requests --------------------------------------------------------------------------------------
 
@@ -141,15 +156,33 @@ class Client:
             socket.send_multipart(frames, flags=zmq.NOBLOCK)
         except zmq.Again:
             return None
+        poller = zmq.Poller()
+        poller.register(socket, zmq.POLLIN)
+        if self._monitor is not None:
+            poller.register(self._monitor, zmq.POLLIN)
         deadline = time.monotonic() + timeout_s
         while (remaining := deadline - time.monotonic()) > 0:
-            if not socket.poll(remaining * 1000, zmq.POLLIN):
+            ready = dict(poller.poll(remaining * 1000))
+            if not ready:
                 return None
-            reply_id, reply = protocol.decode(socket.recv_multipart())
-            if reply_id == request_id:
-                return reply
-            # Otherwise a late reply to an attempt already given up on: skip it.
+            if self._monitor in ready:
+                self._check_handshake()
+            if socket in ready:
+                reply_id, reply = protocol.decode(socket.recv_multipart())
+                if reply_id == request_id:
+                    return reply
+                # Otherwise a late reply to an attempt already given up on: skip it.
         return None
+
+    def _check_handshake(self) -> None:
+        """Raises AccessRefused if the monitor reports that the server's ZAP handler refused our key."""
+        event = recv_monitor_message(self._monitor)
+        if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            self._reset()
+            raise AccessRefused(f"the Pixal3D backend at {self.address} refused this client: its public key "
+                                f"{self._keypair[0].decode()} is not among the backend's allowed client keys. Ask "
+                                "whoever runs the backend to put it in a `<name>.public` file in its --client-keys "
+                                "folder, or use the client key it already allows")
 
     def _connect(self) -> zmq.Socket:
         socket = self._context.socket(zmq.DEALER)
@@ -158,11 +191,16 @@ class Client:
         if self._keypair is not None:
             socket.curve_serverkey = self._server_key
             socket.curve_publickey, socket.curve_secretkey = self._keypair
+            self._monitor = socket.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH)
         socket.connect(self.address)
         self._socket = socket
         return socket
 
     def _reset(self) -> None:
+        if self._monitor is not None:
+            self._socket.disable_monitor()
+            self._monitor.close(linger=0)
+            self._monitor = None
         if self._socket is not None:
             self._socket.close(linger=0)
             self._socket = None
@@ -175,8 +213,8 @@ class Client:
                 f"(`pixal3d serve`) and reachable? If it is, {hint}")
 
 
-def _z85_key(key: bytes | str) -> bytes:
+def _z85_key(key: bytes | str, kind: str = "public") -> bytes:
     key = (key.encode("ascii") if isinstance(key, str) else bytes(key)).strip()
     if len(key) != 40:
-        raise ValueError("a CurveZMQ public key is 40 Z85 characters (the line `pixal3d keys` prints)")
+        raise ValueError(f"a CurveZMQ {kind} key is 40 Z85 characters (as `pixal3d keys` writes it)")
     return key

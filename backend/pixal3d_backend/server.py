@@ -14,7 +14,8 @@ steps is enough to make a generator cancellable; it may also raise ProtocolError
 
 Security: only loopback (or ipc) endpoints may be bound without a CurveZMQ secret key. With a key the socket is
 a CURVE server, so only clients that know the server's public key can complete the handshake; others are
-dropped before any message is read.
+dropped before any message is read. With a folder of allowed client public keys as well (`--client-keys`), a ZAP
+handler also refuses every client whose own key is not in that folder; the client is told it was refused.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 import zmq
+from zmq.auth.thread import ThreadAuthenticator
 
 from . import __version__, protocol
 from .jobs import Job, JobQueue, JobStore
@@ -80,11 +82,42 @@ def require_secure_bind(endpoint: str, curve_secret_key: bytes | None) -> None:
                          "an SSH tunnel")
 
 
+class AllowedClientKeys:
+    """The ZAP credentials provider of `--client-keys`: the client public keys in `directory`, one Z85 key per
+    `*.public` file (as `pixal3d keys --client` writes them). Read at every handshake, so a key added to or
+    removed from the folder takes effect without a restart."""
+
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = Path(directory)
+        if not self.keys():
+            raise ValueError(f"no client public keys in {self.directory}: put one `<name>.public` file per allowed "
+                             "client there (`pixal3d keys --client <name>` makes a keypair; the Blender add-on "
+                             "shows its own public key in its preferences)")
+
+    def keys(self) -> set[bytes]:
+        keys = set()
+        for path in sorted(self.directory.glob("*.public")):
+            try:
+                keys.add(read_key(path))
+            except (OSError, ValueError) as error:
+                log.warning("client keys: skipping %s (%s)", path, error)
+        return keys
+
+    def callback(self, domain: str, client_key: bytes) -> bool:
+        allowed = client_key in self.keys()
+        if not allowed:
+            log.warning("refused a client whose public key %s is not in %s", client_key.decode(), self.directory)
+        return allowed
+
+
 class Server:
     def __init__(self, generator: Generator, bind: str = DEFAULT_BIND, queue_size: int = DEFAULT_QUEUE_SIZE,
                  store_dir: str | os.PathLike | None = None, curve_secret_key: bytes | None = None,
-                 store_max_bytes: int = DEFAULT_STORE_BYTES):
+                 store_max_bytes: int = DEFAULT_STORE_BYTES, client_keys_dir: str | os.PathLike | None = None):
         require_secure_bind(bind, curve_secret_key)
+        if client_keys_dir is not None and curve_secret_key is None:
+            raise ValueError("allowed client keys need CurveZMQ: give the server a secret key as well")
+        self._allowed_clients = AllowedClientKeys(client_keys_dir) if client_keys_dir is not None else None
         self.generator = generator
         self.bind = bind
         self.queue = JobQueue(queue_size, JobStore(store_dir or default_store_dir(), store_max_bytes))
@@ -92,6 +125,7 @@ class Server:
         self._capabilities()            # a generator that describes itself wrongly fails here, not on first hello
         self._context = zmq.Context()
         self._socket: zmq.Socket | None = None
+        self._authenticator: ThreadAuthenticator | None = None
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
         # Request id -> reply, so a client that resends a submit whose reply it lost gets the same job.
@@ -105,6 +139,11 @@ class Server:
         socket = self._context.socket(zmq.ROUTER)
         socket.linger = 0
         socket.setsockopt(zmq.MAXMSGSIZE, protocol.REQUEST_FRAME_CUTOFF_BYTES)
+        if self._allowed_clients is not None:
+            # The ZAP handler must run before the socket binds, or the first handshakes would skip it.
+            self._authenticator = ThreadAuthenticator(self._context, log=log.getChild("zap"))
+            self._authenticator.start()
+            self._authenticator.configure_curve_callback("*", self._allowed_clients)
         if self._curve_secret_key is not None:
             socket.curve_secretkey = self._curve_secret_key
             socket.curve_publickey = zmq.curve_public(self._curve_secret_key)
@@ -128,6 +167,8 @@ class Server:
         self.queue.cancel_running()
         for thread in self._threads:
             thread.join(timeout=10.0)
+        if self._authenticator is not None:
+            self._authenticator.stop()
         self._context.term()
 
     def __enter__(self) -> "Server":
@@ -307,18 +348,27 @@ def read_key(path: str | os.PathLike) -> bytes:
 
 
 def keys_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="pixal3d keys", description="Create the CurveZMQ keypair a server "
-                                     "needs to accept connections from other machines.")
+    parser = argparse.ArgumentParser(prog="pixal3d keys", description="Create a CurveZMQ keypair: the server's "
+                                     "(needed to accept connections from other machines), or with --client one for "
+                                     "a client that a server started with --client-keys lets in.")
     parser.add_argument("--dir", default=str(Path.home() / ".config" / "pixal3d"), help="where to write the keys")
-    parser.add_argument("--name", default="server")
+    parser.add_argument("--name", help="file name of the keys (default: server, or the client's name)")
+    parser.add_argument("--client", metavar="NAME", help="make a client keypair named NAME instead")
     args = parser.parse_args(argv)
+    name = args.name or args.client or "server"
     try:
-        public_path, secret_path = write_keypair(args.dir, args.name)
+        public_path, secret_path = write_keypair(args.dir, name)
     except FileExistsError as error:
         print(f"pixal3d keys: {error.filename} exists; remove it or choose another --name", file=sys.stderr)
         return 1
-    print(f"secret key: {secret_path}  (keep it private; start the server with --curve-secret-key {secret_path})")
-    print(f"public key: {read_key(public_path).decode()}  (paste it into the add-on's preferences)")
+    public = read_key(public_path).decode()
+    if args.client:
+        print(f"client secret key: {secret_path}  (keep it on the client's machine)")
+        print(f"client public key: {public}  (copy {public_path} into the folder the server reads with "
+              "--client-keys)")
+    else:
+        print(f"secret key: {secret_path}  (keep it private; start the server with --curve-secret-key {secret_path})")
+        print(f"public key: {public}  (paste it into the add-on's preferences)")
     return 0
 
 
@@ -338,6 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "across restarts")
     parser.add_argument("--store-max-gb", type=float, default=DEFAULT_STORE_BYTES / (1 << 30))
     parser.add_argument("--curve-secret-key", type=Path, help="secret key file from `pixal3d keys`")
+    parser.add_argument("--client-keys", type=Path, metavar="DIR", help="let in only the clients whose public keys "
+                        "are in DIR (one `<name>.public` file each); needs --curve-secret-key")
     parser.add_argument("--model", help="model directory or id; default: the bundled default model")
     parser.add_argument("--device", help="torch device, e.g. cuda:0; default: the first GPU, else the CPU")
     parser.add_argument("--low-vram", action="store_true", help="keep models on the CPU between stages")
@@ -355,10 +407,14 @@ def serve_main(argv: list[str], create_generator: Callable[[argparse.Namespace],
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     host = f"[{args.bind}]" if ":" in args.bind else args.bind
     bind = f"tcp://{host}:{args.port or '*'}"
-    secret = read_key(args.curve_secret_key) if args.curve_secret_key else None
-    try:
-        require_secure_bind(bind, secret)       # before the slow model load
-    except ValueError as error:
+    try:        # everything that can be wrong with the command line fails before the slow model load
+        secret = read_key(args.curve_secret_key) if args.curve_secret_key else None
+        require_secure_bind(bind, secret)
+        if args.client_keys is not None:
+            if secret is None:
+                raise ValueError("--client-keys needs --curve-secret-key: only CurveZMQ clients have keys")
+            AllowedClientKeys(args.client_keys)
+    except (OSError, ValueError) as error:
         print(f"pixal3d serve: {error}", file=sys.stderr)
         return 2
     if create_generator is None:
@@ -366,7 +422,8 @@ def serve_main(argv: list[str], create_generator: Callable[[argparse.Namespace],
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())     # before "listening": a stop request may follow it at once
     server = Server(create_generator(args), bind=bind, queue_size=args.queue_size, store_dir=args.store_dir,
-                    curve_secret_key=secret, store_max_bytes=int(args.store_max_gb * (1 << 30))).start()
+                    curve_secret_key=secret, store_max_bytes=int(args.store_max_gb * (1 << 30)),
+                    client_keys_dir=args.client_keys).start()
     print(f"pixal3d backend listening on {server.address}", flush=True)
     try:
         while not stop.wait(0.5):     # a timed wait, so Ctrl+C gets through on every platform
