@@ -11,7 +11,10 @@ from pixal3d_backend.data import (EVAL_SEED_BASE, CATEGORIES, Lighting, Material
                                   reconstruct_mesh_from_targets,
                                   render_views, seed_of, shape_targets, surface_samples)
 from pixal3d_backend.data import sdf
+from pixal3d_backend.conditioning.preprocess import CROP_MARGIN, crop_geometry
 from pixal3d_backend.data.targets import QUAD_OFFSETS
+from pixal3d_backend.data.views import crop_view
+from PIL import Image
 
 torch.set_num_threads(1)
 
@@ -124,6 +127,41 @@ def test_renders_are_premultiplied_rgba_in_range_with_the_exact_camera():
         fov, distance, mesh_scale = cam.tolist()
         assert math.radians(10) <= fov <= math.radians(70) and mesh_scale == 1.0
         assert distance >= camera.distance_from_fov(fov)[0] - 1e-6
+
+
+def test_crop_view_is_the_camera_relation_inference_builds_from_a_render():
+    """Training views must be what inference makes of an image: rendering the crop view gives the object centred
+    and filling 1/1.1 of the frame, inference's own crop of the full render finds the crop view's FOV, the
+    object's silhouette in the crop render is its surface projected through the crop camera (the conditioning
+    pinhole), and the posed object fits the model cube."""
+    obj = make_object(23)
+    field = obj.field()
+    surface = surface_samples(field, 32).double().numpy()
+    view = random_view(surface, np.random.default_rng(4))
+    crop = crop_view(view, surface)
+    size = 128
+    renders = render_views(field, [view, crop], size, supersample=2, shadow_steps=0)
+    full, covered = renders.rgba[0], renders.coverage[1] > 0.5      # coverage: silhouette whatever the alpha
+    image = Image.fromarray((full.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8), "RGBA")
+    geometry = crop_geometry(image)
+    inferred = camera.CropCamera.from_crop(camera.Intrinsics.from_hfov(size, size, view.fov), *geometry.center,
+                                           geometry.size)
+    assert inferred.fov == pytest.approx(crop.fov, rel=0.03)
+    assert abs(inferred.shear_x) < 0.2 and abs(inferred.shear_y) < 0.2     # the render itself was off-centre
+    rows, cols = covered.nonzero(as_tuple=True)
+    box = torch.stack([cols.min(), rows.min(), cols.max() + 1, rows.max() + 1]).float()
+    assert (box[:2] + box[2:]).div(2).sub(size / 2).abs().max() < 2.5                         # centred
+    assert (box[2:] - box[:2]).max() / size == pytest.approx(1 / CROP_MARGIN, abs=0.03)      # 1/1.1 of the frame
+    model = crop.model_points(surface)
+    assert np.abs(model).max() <= 0.5 + 1e-3
+    f = camera.focal_pixels(crop.fov, size)
+    u = f * model[:, 0] / (crop.distance - model[:, 2]) + size / 2
+    v = -f * model[:, 1] / (crop.distance - model[:, 2]) + size / 2
+    near = torch.nn.functional.max_pool2d(covered[None, None].float(), 3, 1, 1)[0, 0] > 0   # 1-pixel tolerance:
+    inside = near[v.astype(int).clip(0, size - 1), u.astype(int).clip(0, size - 1)]       # thin parts, pixel grid
+    assert inside.float().mean() > 0.995
+    z = model[:, 2]
+    assert abs(z.min() + z.max()) < 0.05                                   # depth range centred in the cube
 
 
 # ---------------------------------------------------------------------------------------------------------

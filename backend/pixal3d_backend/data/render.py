@@ -43,7 +43,7 @@ def pixel_rays(view: View, size: int, device: torch.device) -> tuple[Tensor, Ten
     dirs = F.normalize(torch.stack([x, y, -torch.ones_like(x)], dim=-1).reshape(-1, 3), dim=-1)
     rotation = torch.tensor(view.rotation, dtype=torch.float32, device=device)
     origin_model = torch.tensor([0.0, 0.0, view.mesh_scale * view.distance], device=device)
-    origin = (origin_model @ rotation) / view.scale
+    origin = ((origin_model - torch.tensor(view.translation, dtype=torch.float32, device=device)) @ rotation) / view.scale
     return origin.expand_as(dirs), dirs @ rotation
 
 

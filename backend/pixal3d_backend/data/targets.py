@@ -51,15 +51,16 @@ QEF_REGULARISATION = 0.1             # o_voxel's default regularization_weight
 
 
 class PosedObject:
-    """An `ObjectField` seen in the model frame of a view: `v = scale * R @ x` (distances scale too)."""
+    """An `ObjectField` seen in the model frame of a view: `v = scale * R @ x + t` (distances scale too)."""
 
     def __init__(self, field: ObjectField, view: View):
         self.field, self.device = field, field.device
         self.rotation = torch.tensor(view.rotation, dtype=torch.float32, device=self.device)
+        self.translation = torch.tensor(view.translation, dtype=torch.float32, device=self.device)
         self.scale = view.scale
 
     def _to_object(self, v: Tensor) -> Tensor:
-        return (v @ self.rotation) / self.scale
+        return ((v - self.translation) @ self.rotation) / self.scale
 
     def sdf(self, v: Tensor) -> Tensor:
         return self.field.sdf(self._to_object(v)) * self.scale

@@ -1,7 +1,8 @@
 """Training examples from the procedural data engine: generated on the training device, pooled, re-sampled.
 
 One example is one *view* of a procedural object, because the object is posed in that view's camera frame
-(spec §2.3; official: 2 views per asset). Batch `k` of the generator holds the train objects
+(spec §2.3; official: 2 views per asset). Views are `data.views.crop_view`s: the camera relation inference
+builds from the object's crop, so the model learns the relation it is used with. Batch `k` of the generator holds the train objects
 `k * objects .. (k + 1) * objects - 1` in all their views, so everything is a pure function of indices.
 
 Generating a view costs ~0.1 s of flexible-dual-grid targets at 256^3 plus ~0.2 s of rendering on an H200 (it is
@@ -21,6 +22,7 @@ from typing import Callable
 import torch
 
 from ..data import ProceduralDataset, PosedObject, render_views, shape_targets, surface_samples
+from ..data.views import crop_view
 from ..sparse import SparseTensor
 from . import configs
 from .voxels import coarsen
@@ -109,7 +111,8 @@ class ViewGenerator(torch.utils.data.Dataset):
         for i in range(index * self.objects, (index + 1) * self.objects):
             obj = ds.object(i)
             fld = obj.field(ds.device)
-            views = ds.views(obj, surface_samples(fld, 32).cpu().double().numpy())
+            surface = surface_samples(fld, 32).cpu().double().numpy()
+            views = [crop_view(v, surface) for v in ds.views(obj, surface)]
             targets = [shape_targets(PosedObject(fld, v), ds.shape_resolution) for v in views]
             dense = {"cameras": torch.tensor([[v.fov, v.distance, v.mesh_scale] for v in views])}
             if self.with_images:

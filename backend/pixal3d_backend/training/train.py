@@ -2,6 +2,7 @@
 
     python -m pixal3d_backend.training.train --stage all --minutes 25 --out runs/default
     python -m pixal3d_backend.training.train --stage ss_vae shape_vae tex_vae --minutes 8.5 --out DIR --resume
+    python -m pixal3d_backend.training.train --stage shape_flow --minutes 9 --out DIR --init OLD_RUN
 
 `--minutes` is this invocation's budget, shared by the listed stages in proportion to `configs.PLAN_MINUTES`
 (the documented 25-minute H200 split). Per stage, `DIR/<stage>/` holds:
@@ -181,15 +182,25 @@ class Trainer:
         self.step += 1
         return {**{k: v.item() for k, v in terms.items()}, "grad_norm": float(grad_norm), "lr": lr}
 
-    def run(self, minutes: float, resume: bool, max_steps: int | None = None, max_pool_batches: int = 10_000) -> None:
+    def initialise_from(self, run: Path) -> None:
+        """Starts from the EMA weights of the same stage of an earlier run (fine-tuning: a new optimiser, step 0)."""
+        tensors, _ = load_weights(run / self.name / "weights.safetensors")
+        self.models.load_state_dict({k: v.float() for k, v in tensors.items()})
+        self.ema = EMA(self.models)
+
+    def run(self, minutes: float, resume: bool, max_steps: int | None = None, max_pool_batches: int = 10_000,
+            init: Path | None = None) -> None:
         """Trains for `minutes` of wall clock (pool generation included) or until step `max_steps`."""
         start = time.monotonic()
         resumed = resume and (self.dir / "state.pt").is_file()
         if resumed:
             self.load()
+        elif init is not None:
+            self.initialise_from(init)
         self.log({"event": "start", "step": self.step, "resumed": resumed, "torch": torch.__version__,
                   "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
-                  "views_per_step": VIEWS_PER_STEP[self.name], "minutes": minutes})
+                  "views_per_step": VIEWS_PER_STEP[self.name], "minutes": minutes,
+                  "init": str(init) if init is not None and not resumed else None})
         pool = self.build_pool(60 * minutes, max_pool_batches)
         self.models.train()
         last_checkpoint, window = time.monotonic(), []
@@ -231,6 +242,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--minutes", type=float, required=True, help="wall-clock budget of this invocation")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--resume", action="store_true", help="continue each stage from DIR/<stage>/state.pt")
+    p.add_argument("--init", type=Path, help="start each stage from RUN/<stage>/weights.safetensors of an earlier "
+                   "run (fine-tuning; ignored for a stage that resumes)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--workers", type=int, default=0,
                    help="data-generation processes sharing the device (0: in this process; several processes on "
@@ -243,7 +256,7 @@ def main(argv: list[str] | None = None) -> None:
     for stage, minutes in stage_minutes(stages, args.minutes).items():
         trainer = Trainer(stage, args.out, args.device, args.seed, args.workers,
                           checkpoint_minutes=args.checkpoint_minutes)
-        trainer.run(minutes, args.resume, args.max_steps)
+        trainer.run(minutes, args.resume, args.max_steps, init=args.init)
 
 
 if __name__ == "__main__":
