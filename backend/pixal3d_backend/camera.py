@@ -126,6 +126,12 @@ def blender_intrinsics(lens: float, sensor_width: float, sensor_height: float, s
 # Placement of the generated object in the source camera
 # ---------------------------------------------------------------------------------------------------------
 
+def crop_distance(fov: float, mesh_scale: float = 1.0) -> float:
+    """Camera distance of a conditioning crop: the official heuristic `distance_from_fov` (the model cube's
+    mid-depth cross-section spans the crop) in float64."""
+    return 0.5 / (mesh_scale * math.tan(fov / 2.0))
+
+
 @dataclass(frozen=True)
 class CropCamera:
     """The conditioning camera of one generation: the square crop of side `crop_size` pixels centred at
@@ -144,7 +150,7 @@ class CropCamera:
         # Derivation: the model projects camera-local p to crop pixel u_m = f x / -z + S/2; that pixel is
         # u = u_m + crop_cx - S/2 in the source image, which the source camera produces from
         # x' = x - (crop_cx - cx) / f * z. Likewise v (image y down, camera y up): y' = y + (crop_cy - cy) / f * z.
-        return CropCamera(fov=fov, distance=0.5 / (mesh_scale * math.tan(fov / 2.0)),
+        return CropCamera(fov=fov, distance=crop_distance(fov, mesh_scale),
                           shear_x=-(crop_cx - source.cx) / source.focal,
                           shear_y=(crop_cy - source.cy) / source.focal)
 
@@ -197,3 +203,112 @@ def rebase_view(c2w_main: np.ndarray, c2w_view: np.ndarray) -> np.ndarray:
     is expressed in the front-view frame of the main view 0."""
     d0 = float(np.linalg.norm(np.asarray(c2w_main)[:3, 3]))
     return front_view_c2w(d0) @ np.linalg.inv(np.asarray(c2w_main)) @ np.asarray(c2w_view)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Multi-view: several source cameras, each with its own crop, conditioning one model frame
+# ---------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ViewCamera:
+    """The conditioning camera of one square crop, as the projection grid takes it (`conditioning.proj_grid`).
+
+    `fov` is the crop's horizontal (= vertical) field of view in radians. Without `c2w` the camera is the
+    official front view at `distance`; with `c2w` (a 4x4 camera-to-world in the grid's Blender-style world,
+    possibly sheared: see `MultiViewRig`) `distance` is not used. Grid points are `R_MODEL_TO_WORLD @ v /
+    mesh_scale`.
+    """
+    fov: float
+    distance: float | None = None
+    mesh_scale: float = 1.0
+    c2w: np.ndarray | None = None
+
+
+MIN_RAY_SPREAD = 1e-3    # smallest eigenvalue of the ray-fit normal matrix (~2.5 degrees between two rays)
+
+
+def crop_centre_ray(c2w: np.ndarray, crop: CropCamera) -> tuple[np.ndarray, np.ndarray]:
+    """(origin, unit direction) in world of the ray through the centre of `crop`, for a source camera at `c2w`.
+    The shear maps the crop's axis (0, 0, -1) to (-shear_x, -shear_y, -1) in the source camera."""
+    c2w = np.asarray(c2w, dtype=np.float64)
+    direction = c2w[:3, :3] @ np.array([-crop.shear_x, -crop.shear_y, -1.0])
+    return c2w[:3, 3].copy(), direction / np.linalg.norm(direction)
+
+
+def closest_point_to_rays(origins: np.ndarray, directions: np.ndarray) -> np.ndarray:
+    """The point with the least summed squared distance to the lines `origins[i] + t directions[i]` (unit
+    directions). Raises ValueError when the lines are (nearly) parallel, since the point is then undetermined."""
+    normal = np.zeros((3, 3))
+    rhs = np.zeros(3)
+    for o, d in zip(np.asarray(origins, dtype=np.float64), np.asarray(directions, dtype=np.float64)):
+        across = np.eye(3) - np.outer(d, d)             # projects onto the plane perpendicular to the line
+        normal += across
+        rhs += across @ o
+    if np.linalg.eigvalsh(normal)[0] < MIN_RAY_SPREAD:
+        raise ValueError("the cameras look at the object from (nearly) the same direction, so where it is in "
+                         "depth cannot be told; move them further apart around the object")
+    return np.linalg.solve(normal, rhs)
+
+
+@dataclass(frozen=True)
+class MultiViewRig:
+    """Several source cameras (`c2ws`, Blender camera-to-world, scene units), each seeing the object through its
+    own crop camera (`crops`), conditioning one model frame: view 0's crop frame (spec §3.2: view 0 is the main
+    view and every view is re-based onto it).
+
+    Scale. One view fixes the object only up to a scale about the camera centre, so a single crop frame is in
+    "crop units" (the object at `crops[0].distance`). Several posed cameras fix it: the object centre is where
+    the crops' centre rays meet (least squares), at depth `D` in view 0, and one model unit is
+    `scale = D / crops[0].distance` scene units. With one view `scale` is 1 and nothing changes.
+
+    Conditioning cameras. A model point `v` is at view 0's centred crop point `c0 = v - (0, 0, d0)`, i.e. at
+    `scale * Sh0 c0` in view 0's source camera (`Sh` = a crop's shear), at `C0 scale Sh0 c0` in the world, and at
+    `inv(Sh_i) inv(C_i) C0 scale Sh0 c0` in view i's centred crop. In the grid's world (`w = R v / mesh_scale`,
+    view 0 the front view) that is the camera-to-world
+
+        c2w_i = F(D) @ inv(Sh0) @ inv(C0) @ C_i @ Sh_i      with mesh_scale = d0 / D = 1 / scale,
+
+    the official `calc_mat_i = F(d_0) @ inv(C_0) @ C_i` (`rebase_view`) whenever the crops are centred (no
+    shear) and the object centre is the world origin (the official rig: cameras looking at the origin), so that
+    D = |C0 translation|. View 0's own camera is the front view at `D` (exactly the single-view camera for N=1).
+    """
+    crops: tuple[CropCamera, ...]
+    c2ws: tuple[np.ndarray, ...]
+    scale: float
+
+    @staticmethod
+    def from_views(crops, c2ws) -> "MultiViewRig":
+        crops = tuple(crops)
+        c2ws = tuple(np.asarray(c, dtype=np.float64) for c in c2ws)
+        if len(crops) != len(c2ws) or not crops:
+            raise ValueError(f"{len(crops)} crops for {len(c2ws)} cameras")
+        if len(crops) == 1:
+            return MultiViewRig(crops, c2ws, 1.0)
+        rays = [crop_centre_ray(c, crop) for c, crop in zip(c2ws, crops)]
+        centre = closest_point_to_rays(*zip(*rays))
+        for i, (c2w, (origin, direction)) in enumerate(zip(c2ws, rays)):
+            if (centre - origin) @ direction <= 0.0:
+                raise ValueError(f"the object is behind camera {i}: the cameras' lines of sight through the object "
+                                 "do not meet in front of every camera")
+        depth = -(np.linalg.inv(c2ws[0]) @ np.append(centre, 1.0))[2]
+        return MultiViewRig(crops, c2ws, float(depth / crops[0].distance))
+
+    @property
+    def depth(self) -> float:
+        """D: depth of the model origin in view 0, scene units."""
+        return self.scale * self.crops[0].distance
+
+    def grid_cameras(self) -> list[ViewCamera]:
+        """The conditioning camera of every view, in view order (see the class docstring)."""
+        main = self.crops[0]
+        mesh_scale = 1.0 / self.scale
+        cameras = [ViewCamera(main.fov, distance=self.depth, mesh_scale=mesh_scale)]
+        to_main = front_view_c2w(self.depth) @ np.linalg.inv(main.shear_matrix()) @ np.linalg.inv(self.c2ws[0])
+        for crop, c2w in zip(self.crops[1:], self.c2ws[1:]):
+            cameras.append(ViewCamera(crop.fov, mesh_scale=mesh_scale, c2w=to_main @ c2w @ crop.shear_matrix()))
+        return cameras
+
+    def glb_to_camera(self) -> np.ndarray:
+        """4x4: official-GLB-frame point -> view 0's source camera, in scene units (`CropCamera.glb_to_camera`
+        scaled about the camera centre)."""
+        return np.diag([self.scale, self.scale, self.scale, 1.0]) @ self.crops[0].glb_to_camera()
