@@ -191,8 +191,8 @@ def camera_to_model(view: View, p: Tensor) -> Tensor:
 
 
 def posed(view: View, x: Tensor) -> Tensor:
-    """Normalised-object points -> the view's model frame (`v = scale R x`)."""
-    return view.scale * x @ torch.tensor(view.rotation, dtype=x.dtype).T
+    """Normalised-object points -> the view's model frame (`View.model_points`, in torch)."""
+    return view.scale * x @ torch.tensor(view.rotation, dtype=x.dtype).T + torch.tensor(view.translation, dtype=x.dtype)
 
 
 def intrinsics_of(view: View, size: int) -> Intrinsics:
@@ -210,11 +210,16 @@ def orbit_view(view: View, surface: np.ndarray, azimuth: float) -> View:
 
 def camera_to_world(main: View, view: View) -> np.ndarray:
     """Camera-to-world of `view` for the protocol, in the Blender-style world of `main`'s model frame
-    (`camera.R_MODEL_TO_WORLD`, camera units), so view 0 is the official front view at (0, -d, 0)."""
+    (`camera.R_MODEL_TO_WORLD`, camera units), so view 0 is the official front view at (0, -d, 0). Both views pose
+    the same object at the same scale: `v = scale R x + translation`, so `v_main = R_main R_view^T (v_view -
+    t_view) + t_main`, and the view's camera sits at `v_view = (0, 0, mesh_scale d)`."""
+    if view.scale != main.scale or view.mesh_scale != main.mesh_scale:
+        raise ValueError("the views of one object must share its scale")
     to_main = main.rotation @ view.rotation.T              # view's model frame -> main's model frame
+    centre = to_main @ (np.array([0.0, 0.0, view.mesh_scale * view.distance]) - view.translation) + main.translation
     c2w = np.eye(4)
     c2w[:3, :3] = R_MODEL_TO_WORLD @ to_main
-    c2w[:3, 3] = R_MODEL_TO_WORLD @ to_main @ np.array([0.0, 0.0, view.distance])
+    c2w[:3, 3] = R_MODEL_TO_WORLD @ centre / main.mesh_scale
     return c2w
 
 
@@ -280,7 +285,7 @@ def evaluate_object(generator: Generator, seed: int, options: EvalOptions) -> tu
 
     asset = generation.asset
     faces = torch.from_numpy(asset.faces.astype(np.int64))
-    placement = torch.from_numpy(generation.crop.glb_to_camera()).float()
+    placement = torch.from_numpy(generation.glb_to_camera()).float()
     cam_points = torch.from_numpy(asset.positions).float() @ placement[:3, :3].T + placement[:3, 3]
     uvs, texture = torch.from_numpy(asset.uvs), torch.from_numpy(asset.base_color).float() / 255.0
     albedo = lambda points, K, s: render_albedo(points, faces, uvs, texture, K, asset.alpha_mode, asset.alpha_cutoff, s)
@@ -379,15 +384,29 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def view_comparison(results: dict[int, dict]) -> str:
+    """Mean metrics per number of cameras, and each count's full-shape Chamfer change against the first count."""
+    counts = list(results)
+    base = results[counts[0]]["mean"]["chamfer_full"]
+    lines = [f"{'views':>5}{'IoU':>10}{'CD vis':>10}{'CD full':>10}{'F.05 full':>10}{'CD full vs ' + str(counts[0]):>16}"]
+    for k in counts:
+        m = results[k]["mean"]
+        lines.append(f"{k:>5}{m['iou']:>10.4f}{m['chamfer_visible']:>10.4f}{m['chamfer_full']:>10.4f}"
+                     f"{m['f@0.05_full']:>10.4f}{100.0 * (m['chamfer_full'] / base - 1.0):>+15.1f}%")
+    return "\n".join(lines)
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="pixal3d eval", description="Evaluate a model on the held-out procedural set: "
                                 "input-view mask IoU and masked PSNR/SSIM of albedo renders, visible-surface and "
                                 "full-shape Chamfer distance and F-score, a PNG grid per object.")
     p.add_argument("--objects", type=int, default=16, help="how many eval objects")
     p.add_argument("--first", type=int, default=0, help="index of the first eval object")
-    p.add_argument("--views", type=int, default=1, help="cameras around the object sent to the generator "
-                   "(view 0 conditions; more than 1 needs a multi-view generator)")
-    p.add_argument("--out", type=Path, default=Path("eval_out"), help="folder for the grids and metrics.json")
+    p.add_argument("--views", type=int, nargs="+", default=[1], help="cameras around the object sent to the "
+                   "generator, evenly spaced in azimuth (view 0 is the input view); several counts, e.g. `--views 1 "
+                   "4`, evaluate each and compare them")
+    p.add_argument("--out", type=Path, default=Path("eval_out"), help="folder for the grids and metrics.json "
+                   "(one sub-folder views<K> per count when several are compared)")
     p.add_argument("--image-size", type=int, default=EvalOptions.image_size)
     p.add_argument("--points", type=int, default=EvalOptions.points, help="surface samples per side")
     p.add_argument("--steps", type=int, help="sampler steps of every stage (shorthand for the three --*-steps)")
@@ -396,11 +415,15 @@ def main(argv: list[str]) -> int:
     model, generation = model_from_arguments(a)
     if a.steps is not None:
         generation.update(ss_steps=a.steps, shape_steps=a.steps, tex_steps=a.steps)
-    options = EvalOptions(image_size=a.image_size, views=a.views, points=a.points, generation=generation, out=a.out)
     seeds = [seed_of("eval", a.first + i) for i in range(a.objects)]
-    report = lambda m: print(f"{m['seed']} {m['category']}: IoU {m['iou']:.3f}, F@0.05 visible "
-                             f"{m['f@0.05_visible']:.3f}, {m['total_s']:.0f} s", file=sys.stderr, flush=True)
-    result = evaluate(model, seeds, options, report)
-    print(table(result))
-    print(f"wrote {a.out / 'metrics.json'} and {len(seeds)} grids")
+    results = {}
+    for views in dict.fromkeys(a.views):
+        out = a.out / f"views{views}" if len(a.views) > 1 else a.out
+        options = EvalOptions(image_size=a.image_size, views=views, points=a.points, generation=generation, out=out)
+        report = lambda m: print(f"{views} view(s), {m['seed']} {m['category']}: IoU {m['iou']:.3f}, CD full "
+                                 f"{m['chamfer_full']:.4f}, {m['total_s']:.0f} s", file=sys.stderr, flush=True)
+        results[views] = evaluate(model, seeds, options, report)
+        print(f"{views} view(s):\n{table(results[views])}\nwrote {out / 'metrics.json'} and {len(seeds)} grids")
+    if len(results) > 1:
+        print(view_comparison(results))
     return 0
