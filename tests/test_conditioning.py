@@ -8,10 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-from pixal3d_backend.camera import front_view_c2w, rebase_view
+from pixal3d_backend.camera import ViewCamera, front_view_c2w, rebase_view
 from pixal3d_backend.conditioning.naf import neighborhood_attention_2d, neighborhood_indices
 from pixal3d_backend.conditioning.preprocess import crop_geometry, preprocess_image
-from pixal3d_backend.conditioning.proj_grid import (ProjGrid, ViewCamera, dense_grid_coords, lift_features,
+from pixal3d_backend.conditioning.proj_grid import (ProjGrid, dense_grid_coords, lift_features,
                                                     lift_features_multiview, project_voxels)
 
 

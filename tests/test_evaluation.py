@@ -12,7 +12,7 @@ import trimesh
 from PIL import Image
 
 from pixal3d_backend import evaluation
-from pixal3d_backend.camera import CropCamera, Intrinsics
+from pixal3d_backend.camera import CropCamera, Intrinsics, MultiViewRig
 from pixal3d_backend.conditioning.preprocess import crop_geometry
 from pixal3d_backend.data import (PosedObject, ProceduralDataset, make_object, reconstruct_mesh_from_targets, seed_of,
                                   shape_targets, surface_samples)
@@ -166,14 +166,15 @@ class OracleGenerator:
         image = Image.open(io.BytesIO(request.views[0].image_png))
         crop = CropCamera.from_crop(request.views[0].camera.intrinsics(), *crop_geometry(image).center,
                                     crop_geometry(image).size)
-        to_glb = np.linalg.inv(crop.glb_to_camera())
+        rig = MultiViewRig.from_views([crop], [request.views[0].camera.c2w])
+        to_glb = np.linalg.inv(rig.glb_to_camera())
         camera_points = evaluation.model_to_camera(view, vertices.double()).numpy()
         glb = (camera_points @ to_glb[:3, :3].T + to_glb[:3, 3]).astype(np.float32)
         texture = np.full((4, 4, 4), 128, np.uint8)
         texture[..., 3] = 255
         asset = ExportedAsset(glb, faces.numpy().astype(np.uint32), np.zeros((len(glb), 2), np.float32),
                               np.zeros_like(glb), texture, texture[..., :3], None, "OPAQUE")
-        return Generation(asset, crop, {})
+        return Generation(asset, rig, {})
 
 
 @pytest.mark.slow

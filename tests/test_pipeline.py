@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from pixal3d_backend.conditioning.proj_grid import ViewCamera
+from pixal3d_backend.camera import ViewCamera
 from pixal3d_backend.loading import CheckpointError, load_model
 from pixal3d_backend.pipeline import SAMPLER_KEYS, hr_grid_coords
 

@@ -156,11 +156,29 @@ def test_check_supported_rejects_what_the_model_cannot_do():
     caps = Capabilities("0.1.0", 1, "cpu", None, "single-view-model", "h", [1024], 1, False, {})
     with pytest.raises(ProtocolError) as error:
         SubmitRequest([object_view(), object_view()]).check_supported(caps)
-    assert error.value.code is ErrorCode.UNSUPPORTED and "single view" in error.value.message
+    assert error.value.code is ErrorCode.UNSUPPORTED and "at most 1" in error.value.message
     with pytest.raises(ProtocolError) as error:
         submit_request(resolution=1536).check_supported(caps)
     assert error.value.code is ErrorCode.UNSUPPORTED and "[1024]" in error.value.message
     submit_request(resolution=1024).check_supported(caps)
+
+
+def test_single_view_weights_still_take_several_views():
+    """`multiview` says whether the weights are the multi-view fine-tunes; `max_views` alone bounds the views."""
+    caps = Capabilities("0.1.0", 1, "cpu", None, "default", "h", [1024], 8, False, {})
+    SubmitRequest([object_view(), object_view(), object_view()], Options(resolution=1024)).check_supported(caps)
+
+
+def test_an_option_added_after_the_first_release_is_sent_only_when_used():
+    """A v1 backend of the first release rejects unknown options, so a new option at its default stays off the
+    wire (the request means the same), and when used it round-trips."""
+    header = json.loads(protocol.encode(submit_request(), "r")[0])
+    assert "visibility_weighted" not in header["options"]
+    assert roundtrip(submit_request()).options.visibility_weighted is False
+    weighted = submit_request()
+    weighted.options.visibility_weighted = True
+    assert json.loads(protocol.encode(weighted, "r")[0])["options"]["visibility_weighted"] is True
+    assert roundtrip(weighted).options.visibility_weighted is True
 
 
 # ---------------------------------------------------------------------------------------------------------

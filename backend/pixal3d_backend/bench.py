@@ -24,7 +24,7 @@ from PIL import Image
 
 from .conditioning.image_encoder import DinoV3ProjFeatureExtractor
 from .conditioning.naf import NAF
-from .conditioning.proj_grid import ViewCamera
+from .camera import ViewCamera
 from .models import build_model
 from .official import CHECKPOINTS, DINOV3_VITL16_CONFIG, ENCODER_STAGES
 from .pipeline import MAX_NUM_TOKENS, Normalization, Pixal3DPipeline, RunContext
@@ -148,7 +148,7 @@ def run_bench(resolution: int, device: torch.device, seed: int = 0, low_vram: bo
     pipe = pipe or random_pipeline(device, low_vram)
     image, camera, coords32, hr, subs = object_structure(seed, resolution, device)
     rows = []
-    run = RunContext(image, camera, torch.Generator().manual_seed(seed))
+    run = RunContext([image], [camera], torch.Generator().manual_seed(seed))
 
     def stage(name, fn, *args, flow=None, tokens=0):
         counter = ForwardCounter(pipe.models[flow]) if flow else None

@@ -152,6 +152,12 @@ class Snapshot:
     def load(self, key: str, device: str | torch.device = "cpu") -> torch.nn.Module:
         return load_checkpoint(*self.checkpoint_files(key), device=device)
 
+    def multiview_files(self, key: str) -> tuple[Path, Path] | None:
+        """The official multi-view fine-tune of a flow, `<checkpoint>_mv.json/.safetensors` next to the single-view
+        one (spec §3.2: same configs and tensor names), or None when the snapshot has none."""
+        files = tuple(p.with_name(f"{p.stem}_mv{p.suffix}") for p in self.checkpoint_files(key))
+        return files if all(p.is_file() for p in files) else None
+
 
 # ---------------------------------------------------------------------------------------------------------
 # A whole model: the pipeline with its conditioning, from a snapshot
@@ -172,15 +178,17 @@ class LoadedModel:
         return self.pipeline.resolutions
 
 
-def fingerprint(snapshot: Snapshot, keys: list[str]) -> str:
+def fingerprint(snapshot: Snapshot, keys: list[str], multiview: dict | None = None) -> str:
     """A cheap identity of a snapshot's weights: sha256 over pipeline.json, each checkpoint's config, its
-    safetensors header (names, shapes, dtypes, offsets) and its first and last MiB. Hashing 24 GB of weights at
-    every start would take minutes; this catches any re-export, truncation or different checkpoint."""
+    safetensors header (names, shapes, dtypes, offsets) and its first and last MiB (multi-view fine-tunes, when
+    loaded, after the others). Hashing 24 GB of weights at every start would take minutes; this catches any
+    re-export, truncation or different checkpoint."""
     import hashlib
 
     h = hashlib.sha256((snapshot.root / "pipeline.json").read_bytes())
-    for key in sorted(keys):
-        config, weights = snapshot.checkpoint_files(key)
+    files = [snapshot.checkpoint_files(key) for key in sorted(keys)]
+    files += [snapshot.multiview_files(key) for key in sorted(multiview or {})]
+    for config, weights in files:
         h.update(config.read_bytes())
         with open(weights, "rb") as f:
             header_len = int.from_bytes(f.read(8), "little")
@@ -189,6 +197,18 @@ def fingerprint(snapshot: Snapshot, keys: list[str]) -> str:
             f.seek(max(0, weights.stat().st_size - (1 << 20)))
             h.update(f.read())
     return h.hexdigest()[:16]
+
+
+def multiview_flows(snapshot: Snapshot, flow_keys: list[str], device) -> dict[str, torch.nn.Module]:
+    """The multi-view fine-tunes of the flows `flow_keys`, loaded strictly when the snapshot has all of them;
+    {} when it has none. Some but not all is an error: a half multi-view cascade is not what anyone trained."""
+    found = {k: snapshot.multiview_files(k) for k in flow_keys}
+    present = {k: files for k, files in found.items() if files is not None}
+    if present and len(present) != len(found):
+        missing = [f"{snapshot.checkpoint_files(k)[1].stem}_mv" for k in found if k not in present]
+        raise CheckpointError(f"{snapshot.root / 'ckpts'} has some multi-view checkpoints but not {missing}; "
+                              "download the complete multi-view release or remove the partial one")
+    return {k: load_checkpoint(*files, device=device) for k, files in present.items()}
 
 
 def find_dinov3(path: str | os.PathLike | None) -> Path:
@@ -243,7 +263,7 @@ def load_model(model: str | os.PathLike | None = None, device: str | torch.devic
                dinov3_path: str | os.PathLike | None = None, naf_path: str | os.PathLike | None = None,
                encoder_stages: dict | None = None) -> LoadedModel:
     """The pipeline of a snapshot: ours (default: the bundled model) or the official one with its helpers."""
-    from .pipeline import SAMPLER_KEYS, SINGLE_STAGE_KEYS, TWO_STAGE_KEYS, Normalization, Pixal3DPipeline
+    from .pipeline import FLOW_KEYS, SAMPLER_KEYS, SINGLE_STAGE_KEYS, TWO_STAGE_KEYS, Normalization, Pixal3DPipeline
     from .sampler import STAGE_DEFAULTS
 
     if model is None:
@@ -264,11 +284,12 @@ def load_model(model: str | os.PathLike | None = None, device: str | torch.devic
     settings = {stage: {**STAGE_DEFAULTS[stage], **args.get(key, {}).get("params", {})}
                 for stage, key in SAMPLER_KEYS.items()}
     sigma_min = args.get("sparse_structure_sampler", {}).get("args", {}).get("sigma_min", 1e-5)
+    multiview = multiview_flows(snapshot, [k for k in keys if k in FLOW_KEYS], stage_device)
     pipeline = Pixal3DPipeline(modules, encoders, settings,
                                Normalization.from_json(args["shape_slat_normalization"]),
                                Normalization.from_json(args["tex_slat_normalization"]),
-                               sigma_min=sigma_min, device=device, low_vram=low_vram)
+                               sigma_min=sigma_min, device=device, low_vram=low_vram, multiview_models=multiview)
     model_id = "default" if snapshot.root == DEFAULT_MODEL_DIR else str(model)
     defaults = dict(args.get("default_options", {}))
     defaults.setdefault("resolution", pipeline.resolutions[0])
-    return LoadedModel(pipeline, model_id, fingerprint(snapshot, keys), defaults)
+    return LoadedModel(pipeline, model_id, fingerprint(snapshot, keys, multiview), defaults)

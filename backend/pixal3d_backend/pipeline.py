@@ -20,14 +20,14 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from PIL import Image
 
 from .conditioning.image_encoder import DinoV3ProjFeatureExtractor
 from .conditioning.preprocess import preprocess_image
-from .conditioning.proj_grid import ViewCamera
+from .camera import ViewCamera
 from .mesh import VoxelMesh
 from .models.ss_decoder import occupancy_to_coords
 from .sampler import FlowEulerGuidanceIntervalSampler
@@ -43,6 +43,7 @@ SINGLE_STAGE_KEYS = ("sparse_structure_flow_model", "sparse_structure_decoder", 
                      "tex_slat_flow_model_512", "shape_slat_decoder", "tex_slat_decoder",
                      "image_cond_model_ss", "image_cond_model_shape_512", "image_cond_model_tex_512")
 ENCODER_KEYS = tuple(k for k in TWO_STAGE_KEYS + SINGLE_STAGE_KEYS if k.startswith("image_cond_model"))
+FLOW_KEYS = tuple(k for k in dict.fromkeys(TWO_STAGE_KEYS + SINGLE_STAGE_KEYS) if "flow_model" in k)
 SAMPLER_KEYS = {"sparse_structure": "sparse_structure_sampler", "shape": "shape_slat_sampler",
                 "texture": "tex_slat_sampler"}
 
@@ -50,6 +51,7 @@ SS_RESOLUTION = 32          # occupancy grid of the sparse structure (hard-coded
 LR_GRID = 512               # resolution of the coords after the decoder's x4 upsampling of the 32^3 LR latent
 MAX_NUM_TOKENS = 49152      # official token cap of the HR stage
 TWO_STAGE_RESOLUTIONS = (1024, 1536)
+FUSIONS = ("mean", "visible")   # how several views' lifted features are fused per voxel
 
 
 @dataclass
@@ -70,17 +72,20 @@ class Normalization:
 
 @dataclass
 class RunContext:
-    """What the stages of one generation share: the conditioning view, the noise generator (all noise is drawn from
-    it in the official order), the sampler overrides, the callbacks, the image features computed so far (DINOv3
-    tokens are reused across stages at the same image size) and the trace of intermediates (parity tests)."""
-    image: Image.Image
-    camera: ViewCamera
+    """What the stages of one generation share: the conditioning views (preprocessed images and their cameras,
+    view 0 the main view), how several views' features are fused, the noise generator (all noise is drawn from it
+    in the official order, whatever the number of views), the sampler overrides, the callbacks, the image features
+    computed so far (DINOv3 tokens are reused across stages at the same image size) and the trace of intermediates
+    (parity tests)."""
+    images: list[Image.Image]
+    cameras: list[ViewCamera]
     generator: torch.Generator
     overrides: dict = field(default_factory=dict)
     progress: Callable[[str, int, int], None] | None = None
     should_cancel: Callable[[], bool] | None = None
     trace: dict = field(default_factory=dict)
     features: dict = field(default_factory=dict)
+    fusion: str = "mean"
 
 
 @dataclass
@@ -116,13 +121,19 @@ def hr_grid_coords(upsampled: torch.Tensor, resolution: int, max_num_tokens: int
 class Pixal3DPipeline:
     def __init__(self, models: dict[str, torch.nn.Module], encoders: dict[str, DinoV3ProjFeatureExtractor],
                  sampler_settings: dict[str, dict], shape_norm: Normalization, tex_norm: Normalization,
-                 sigma_min: float = 1e-5, device: str | torch.device = "cpu", low_vram: bool = False):
+                 sigma_min: float = 1e-5, device: str | torch.device = "cpu", low_vram: bool = False,
+                 multiview_models: dict[str, torch.nn.Module] | None = None):
         self.two_stage = "shape_slat_flow_model_1024" in models
         available = set(models) | set(encoders)
         missing = [k for k in (TWO_STAGE_KEYS if self.two_stage else SINGLE_STAGE_KEYS) if k not in available]
         if missing:
             raise ValueError(f"pipeline is missing models: {missing}")
         self.models = models
+        # The official multi-view fine-tunes of the flows (`*_mv`, same architecture), used for several views.
+        self.multiview_models = multiview_models or {}
+        unknown = sorted(set(self.multiview_models) - set(FLOW_KEYS))
+        if unknown:
+            raise ValueError(f"multi-view models must be flows ({FLOW_KEYS}), got {unknown}")
         self.encoders = encoders
         self.sampler = FlowEulerGuidanceIntervalSampler(sigma_min=sigma_min)
         self.sampler_settings = sampler_settings        # {"sparse_structure"|"shape"|"texture": params}
@@ -131,8 +142,19 @@ class Pixal3DPipeline:
         self.device = torch.device(device)
         self.low_vram = low_vram
         if not low_vram:
-            for m in list(models.values()) + list(encoders.values()):
+            for m in list(models.values()) + list(self.multiview_models.values()) + list(encoders.values()):
                 m.to(self.device)
+
+    @property
+    def multiview_weights(self) -> bool:
+        """Whether every flow of this cascade has its multi-view fine-tune loaded."""
+        return all(k in self.multiview_models for k in self.models if k in FLOW_KEYS)
+
+    def _flow(self, key: str, run: "RunContext") -> torch.nn.Module:
+        """The flow of a stage: its multi-view fine-tune for several views when one is loaded."""
+        if len(run.cameras) > 1 and key in self.multiview_models:
+            return self.multiview_models[key]
+        return self.models[key]
 
     @property
     def resolutions(self) -> tuple[int, ...]:
@@ -162,12 +184,20 @@ class Pixal3DPipeline:
     def _condition(self, key: str, run: "RunContext", coords: torch.Tensor, grid_resolution: int
                    ) -> tuple[dict, dict]:
         """Conditions of one stage at the given voxel coords: (cond, neg_cond); the negative condition is zeros for
-        both the global tokens and the lifted features (official CFG)."""
+        both the global tokens and the lifted features (official CFG).
+
+        Several views (official multi-view, spec §3.2) are encoded as one batch; their lifted features are fused per
+        voxel (`run.fusion`: the plain mean, or the mean over the views that see the voxel) and their global tokens
+        averaged. One view takes the single-view path unchanged."""
         enc = self.encoders[key]
         with self._on_device(enc):
-            encoded = enc.encode([run.image], run.features)
-            lifted = enc.lift(encoded, coords[:, 1:], grid_resolution, run.camera)
-        glob = encoded.global_tokens
+            encoded = enc.encode(run.images, run.features)
+            if len(run.cameras) == 1:
+                lifted = enc.lift(encoded, coords[:, 1:], grid_resolution, run.cameras[0])
+                glob = encoded.global_tokens
+            else:
+                lifted = enc.lift_multiview(encoded, coords[:, 1:], grid_resolution, run.cameras, run.fusion)
+                glob = encoded.global_tokens.mean(0, keepdim=True)
         cond = {"global": glob, "proj": lifted}
         neg = {"global": torch.zeros_like(glob), "proj": torch.zeros_like(lifted)}
         return cond, neg
@@ -186,7 +216,7 @@ class Pixal3DPipeline:
         """One sparse stage: noise on the tokens `coords` (drawn now, from the run's CPU generator), conditions lifted
         at those tokens on the `grid`^3 latent grid, the flow sampled. Returns the normalised latent; the
         intermediates go to the run's trace under `tag` (the parity fixture's names)."""
-        flow = self.models[flow_key]
+        flow = self._flow(flow_key, run)
         cond, neg = self._condition(encoder_key, run, coords, grid)
         feats = torch.randn(coords.shape[0], flow.out_channels, generator=run.generator).to(self.device)
         noise = concat.replace(feats) if concat is not None else SparseTensor(feats, coords)  # share the coords cache
@@ -199,7 +229,7 @@ class Pixal3DPipeline:
     # -- stages -----------------------------------------------------------------------------------------
     def sample_sparse_structure(self, run: "RunContext") -> torch.Tensor:
         """Dense SS flow on the r^3 latent (tokens in order ix*r*r+iy*r+iz) -> occupied 32^3 coords [N, 4]."""
-        flow = self.models["sparse_structure_flow_model"]
+        flow = self._flow("sparse_structure_flow_model", run)
         r = flow.resolution
         grid = torch.stack(torch.meshgrid(*[torch.arange(r)] * 3, indexing="ij"), -1).reshape(-1, 3)
         coords = torch.cat([torch.zeros(grid.shape[0], 1, dtype=torch.int32), grid.int()], 1).to(self.device)
@@ -252,13 +282,22 @@ class Pixal3DPipeline:
 
     # -- the whole cascade ------------------------------------------------------------------------------
     @torch.no_grad()
-    def run(self, image: Image.Image, camera: ViewCamera, seed: int = 42, resolution: int = 1024,
-            max_num_tokens: int = MAX_NUM_TOKENS, sampler_overrides: dict | None = None,
-            preprocess: bool = True, progress: Callable[[str, int, int], None] | None = None,
-            should_cancel: Callable[[], bool] | None = None, trace: dict | None = None) -> PipelineOutput:
-        """`image` is RGBA with the object's alpha; with `preprocess` it is cropped as the official code does (the
-        caller derives `camera` from the crop: `conditioning.preprocess.crop_geometry` and
-        `camera.CropCamera`)."""
+    def run(self, images: Image.Image | Sequence[Image.Image], cameras: ViewCamera | Sequence[ViewCamera],
+            seed: int = 42, resolution: int = 1024, max_num_tokens: int = MAX_NUM_TOKENS,
+            sampler_overrides: dict | None = None, preprocess: bool = True, fusion: str = "mean",
+            progress: Callable[[str, int, int], None] | None = None, should_cancel: Callable[[], bool] | None = None,
+            trace: dict | None = None) -> PipelineOutput:
+        """`images` are RGBA with the object's alpha, one per camera (view 0 first; several views condition every
+        stage together, fused by `fusion`: "mean" or "visible", see `proj_grid.lift_features_multiview`). With
+        `preprocess` each is cropped as the official code does (the caller derives the cameras from the crops:
+        `conditioning.preprocess.crop_geometry`, `camera.CropCamera` and, for several views, `camera.MultiViewRig`).
+        The flows are the multi-view ones (`multiview_models`) when there are several views and they are loaded."""
+        images = [images] if isinstance(images, Image.Image) else list(images)
+        cameras = [cameras] if isinstance(cameras, ViewCamera) else list(cameras)
+        if len(images) != len(cameras) or not images:
+            raise ValueError(f"{len(images)} images for {len(cameras)} cameras")
+        if fusion not in FUSIONS:
+            raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
         if resolution not in self.resolutions:
             raise ValueError(f"resolution must be one of {self.resolutions} for this model, got {resolution}")
         overrides = sampler_overrides or {}
@@ -267,9 +306,9 @@ class Pixal3DPipeline:
             raise ValueError(f"unknown sampler stages {sorted(unknown)}; stages are {sorted(self.sampler_settings)}")
         trace = {} if trace is None else trace
         if preprocess:
-            image = preprocess_image(image)
-        run = RunContext(image, camera, torch.Generator().manual_seed(int(seed)), overrides, progress, should_cancel,
-                         trace)
+            images = [preprocess_image(image) for image in images]
+        run = RunContext(images, cameras, torch.Generator().manual_seed(int(seed)), overrides, progress,
+                         should_cancel, trace, fusion=fusion)
         timings: dict[str, float] = {}
 
         def timed(name, fn, *args):

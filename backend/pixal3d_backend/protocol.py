@@ -447,8 +447,11 @@ class View:
 
 
 def _option(default: Any, low: float | None = None, high: float | None = None, choices: tuple = (),
-            doc: str = "") -> Any:
-    return field(default=default, metadata={"low": low, "high": high, "choices": choices, "doc": doc})
+            doc: str = "", added: bool = False) -> Any:
+    """`added`: an option newer than the first v1 release. It is sent only when it differs from its default, so
+    a backend of that release still accepts every request that does not use it (and names it when one does)."""
+    return field(default=default, metadata={"low": low, "high": high, "choices": choices, "doc": doc,
+                                            "added": added})
 
 
 @dataclass
@@ -468,9 +471,14 @@ class Options:
     remesh: bool = _option(True, doc="rebuild the surface before decimation")
     normal_map: bool = _option(False, doc="bake a tangent-space normal map")
     low_vram: bool = _option(False, doc="keep models on the CPU between stages (slower, about half the VRAM)")
+    visibility_weighted: bool = _option(False, added=True,
+                                        doc="several views: average each voxel's features only over the views "
+                                            "that see it inside their frame (default: over all views, as the "
+                                            "official multi-view release does)")
 
     def _to_wire(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if not (f.metadata["added"] and getattr(self, f.name) == f.default)}
 
     @classmethod
     def _from_wire(cls, o: _Fields) -> "Options":
@@ -499,15 +507,14 @@ class Options:
 
 @dataclass
 class SubmitRequest:
+    """One generation. `views[0]` is the main view: the result is placed in its camera. Further views (multi-view)
+    are the same object seen by other cameras of the same world, posed by their camera-to-world matrices."""
     views: list[View]
     options: Options = field(default_factory=Options)
     TYPE: ClassVar[str] = "submit"
 
     def check_supported(self, capabilities: "Capabilities") -> None:
         """Rejects what is valid protocol but beyond the loaded model (UNSUPPORTED)."""
-        if len(self.views) > 1 and not capabilities.multiview:
-            raise ProtocolError(ErrorCode.UNSUPPORTED, f"{len(self.views)} views sent, but the loaded model "
-                                                       f"({capabilities.model_id}) takes a single view")
         if len(self.views) > capabilities.max_views:
             raise ProtocolError(ErrorCode.UNSUPPORTED, f"{len(self.views)} views sent; the loaded model takes at "
                                                        f"most {capabilities.max_views}")
@@ -553,8 +560,9 @@ class Capabilities:
     model_id: str
     model_hash: str
     resolutions: list[int]
-    max_views: int
-    multiview: bool
+    max_views: int                      # how many views a submit may carry (several: multi-view generation)
+    multiview: bool                     # the loaded flows are the official multi-view fine-tunes (`*_mv`); without
+                                        # them several views still condition the single-view weights
     limits: dict[str, int]              # the server's bounds, e.g. queue_size, max_image_bytes
     TYPE: ClassVar[str] = "capabilities"
 

@@ -2,7 +2,8 @@
 
 `Generator` is what the server runs for each job, and what `pixal3d generate` runs in-process. It owns the one
 translation between the wire's view of a camera (the full image's intrinsics) and the model's (the square crop
-around the object): `camera.CropCamera`, whose `glb_to_camera` places the result back in the source camera.
+around the object): `camera.CropCamera` per view, and `camera.MultiViewRig` for several views re-based onto view
+0, whose `glb_to_camera` places the result back in view 0's source camera.
 """
 from __future__ import annotations
 
@@ -19,9 +20,8 @@ import torch
 from PIL import Image
 
 from . import __version__, protocol
-from .camera import CropCamera
+from .camera import CropCamera, MultiViewRig
 from .conditioning.preprocess import crop_geometry
-from .conditioning.proj_grid import ViewCamera
 from .export import ExportedAsset, ExportOptions, GlbCamera, export_asset, write_glb
 from .loading import LoadedModel, load_model
 from .mesh import orient_outward
@@ -58,7 +58,7 @@ class Generator:
             free, name = None, "cpu"
         return {"device": name, "free_memory_bytes": free, "model_id": self.model.model_id,
                 "model_hash": self.model.model_hash, "resolutions": list(self.model.resolutions),
-                "max_views": 1, "multiview": False}
+                "max_views": protocol.MAX_VIEWS, "multiview": self.model.pipeline.multiview_weights}
 
     def _view_camera(self, view: View, image: Image.Image) -> CropCamera:
         cam = view.camera
@@ -68,18 +68,30 @@ class Generator:
         geometry = crop_geometry(image)
         return CropCamera.from_crop(cam.intrinsics(), *geometry.center, geometry.size)
 
+    def rig(self, views: list[View], images: list[Image.Image]) -> MultiViewRig:
+        """The views' crop cameras re-based onto view 0 (BAD_CAMERA when the cameras do not agree on where the
+        object is)."""
+        crops = [self._view_camera(view, image) for view, image in zip(views, images)]
+        try:
+            return MultiViewRig.from_views(crops, [view.camera.c2w for view in views])
+        except ValueError as error:
+            raise ProtocolError(ErrorCode.BAD_CAMERA, str(error)) from None
+
     def run(self, request: SubmitRequest, on_progress, should_cancel) -> "Generation":
         """The whole job: pipeline + export. Cancellation (between sampler steps) raises CANCELLED."""
-        view = request.views[0]
         options = request.options
-        image = Image.open(io.BytesIO(view.image_png))
-        image.load()
-        crop = self._view_camera(view, image)
+        images = []
+        for view in request.views:
+            image = Image.open(io.BytesIO(view.image_png))
+            image.load()
+            images.append(image)
+        rig = self.rig(request.views, images)
         t0 = time.perf_counter()
         try:
             out = self.model.pipeline.run(
-                image, ViewCamera(fov=crop.fov, distance=crop.distance), seed=options.seed,
-                resolution=options.resolution, sampler_overrides=sampler_overrides(options),
+                images, rig.grid_cameras(), seed=options.seed, resolution=options.resolution,
+                sampler_overrides=sampler_overrides(options),
+                fusion="visible" if options.visibility_weighted else "mean",
                 progress=on_progress, should_cancel=should_cancel)
             on_progress("export", 0, 1)
             mesh = orient_outward(out.mesh)        # the official mesher's winding is per axis, not per side
@@ -93,11 +105,15 @@ class Generator:
             raise ProtocolError(ErrorCode.CANCELLED, "the job was cancelled") from None
         metadata = {"model_id": self.model.model_id, "model_hash": self.model.model_hash,
                     "backend_version": __version__, "seed": options.seed, "resolution": out.resolution,
-                    "alpha_mode": asset.alpha_mode, "tokens": out.tokens, "crop_fov": crop.fov,
+                    "alpha_mode": asset.alpha_mode, "tokens": out.tokens, "crop_fov": rig.crops[0].fov,
+                    "views": len(request.views), "scene_units_per_model_unit": rig.scale,
                     "timings_s": {**{k: round(v, 3) for k, v in out.timings.items()},
                                   **{f"export_{k}": round(v, 3) for k, v in asset.timings.items()},
                                   "total": round(time.perf_counter() - t0, 3)}}
-        return Generation(asset, crop, metadata)
+        if len(request.views) > 1:
+            metadata["view_fusion"] = "visible" if options.visibility_weighted else "mean"
+            metadata["multiview_weights"] = self.model.pipeline.multiview_weights
+        return Generation(asset, rig, metadata)
 
     def generate(self, request: SubmitRequest, on_progress, should_cancel) -> Result:
         return self.run(request, on_progress, should_cancel).to_result()
@@ -106,8 +122,12 @@ class Generator:
 @dataclass
 class Generation:
     asset: ExportedAsset
-    crop: CropCamera
+    rig: MultiViewRig
     metadata: dict
+
+    def glb_to_camera(self) -> np.ndarray:
+        """Official-GLB-frame point -> view 0's source camera (scene units when several cameras fixed the scale)."""
+        return self.rig.glb_to_camera()
 
     def to_result(self) -> Result:
         a = self.asset
@@ -115,12 +135,14 @@ class Generation:
         if a.normal_map is not None:
             maps["normal"] = png_bytes(a.normal_map)
         return Result(positions=a.positions, faces=a.faces, uvs=a.uvs, normals=a.normals, maps=maps,
-                      glb_to_camera=self.crop.glb_to_camera(), metadata=self.metadata)
+                      glb_to_camera=self.glb_to_camera(), metadata=self.metadata)
 
     def glb_camera(self) -> GlbCamera:
-        """The model's own (centred) view of the crop: glTF cameras cannot hold the off-axis shear."""
-        centred = dataclasses.replace(self.crop, shear_x=0.0, shear_y=0.0)
-        return GlbCamera(centred.glb_to_camera(), yfov=self.crop.fov)
+        """The model's own (centred) view of view 0's crop, in the GLB's frame: glTF cameras cannot hold the
+        off-axis shear."""
+        main = self.rig.crops[0]
+        centred = dataclasses.replace(main, shear_x=0.0, shear_y=0.0)
+        return GlbCamera(centred.glb_to_camera(), yfov=main.fov)
 
 
 def default_device() -> str:

@@ -2,7 +2,7 @@
 import torch
 from PIL import Image
 
-from pixal3d_backend.conditioning.proj_grid import ViewCamera
+from pixal3d_backend.camera import ViewCamera
 from pixal3d_backend.pipeline import ENCODER_KEYS, SAMPLER_KEYS, Normalization, Pixal3DPipeline
 
 
