@@ -8,7 +8,7 @@ import bpy
 import numpy as np
 from bpy.props import EnumProperty, StringProperty
 
-from . import preferences, properties, render, runtime, worker
+from . import preferences, properties, render, rigcheck, runtime, worker
 from .shared import camera as cameras
 from .shared import protocol
 
@@ -23,7 +23,7 @@ def input_spec(context) -> dict:
     if settings.source == "CAMERA":
         spec["cameras"] = [context.scene.camera.name] if context.scene.camera else []
     elif settings.source == "CAMERAS":
-        spec["cameras"] = selected_cameras(context)
+        spec["cameras"] = source_cameras(context)
     elif settings.source == "IMAGE":
         spec["image"], spec["photo_lens"] = settings.image.name if settings.image else "", settings.photo_lens
     else:
@@ -31,13 +31,25 @@ def input_spec(context) -> dict:
     return spec
 
 
-def selected_cameras(context) -> list[str]:
-    """Names of the selected cameras, the active object (or else the scene camera) first: view 0."""
-    selected = sorted(o.name for o in context.selected_objects if o.type == 'CAMERA')
+def source_cameras(context) -> list[str]:
+    """Names of the multi-view cameras: those of the panel's camera collection if one is set, else the selected
+    ones; the active object (or else the scene camera) first when it is one of them: view 0."""
+    collection = context.scene.pixal3d.camera_collection
+    objects = collection.all_objects if collection is not None else context.selected_objects
+    names = sorted(o.name for o in objects if o.type == 'CAMERA')
     active = context.active_object
-    first = active.name if active is not None and active.name in selected else (
-        context.scene.camera.name if context.scene.camera and context.scene.camera.name in selected else None)
-    return ([first] if first else []) + [n for n in selected if n != first]
+    first = active.name if active is not None and active.name in names else (
+        context.scene.camera.name if context.scene.camera and context.scene.camera.name in names else None)
+    return ([first] if first else []) + [n for n in names if n != first]
+
+
+def rig_warnings(names: list[str], views: list[worker.ViewInput]) -> list[str]:
+    """The rig check of several camera renders (view 0 first); [] for one view."""
+    if len(views) < 2:
+        return []
+    masks = [render.alpha_mask(view.png) for view in views]
+    return rigcheck.check_rig(names, masks, [view.camera.intrinsics() for view in views],
+                              [view.camera.c2w for view in views])
 
 
 def build_job(context, spec: dict) -> tuple[worker.Job, runtime.Target]:
@@ -56,6 +68,7 @@ def build_job(context, spec: dict) -> tuple[worker.Job, runtime.Target]:
         views = [render.render_camera_view(scene, bpy.data.objects[n], prefs.render_engine, prefs.render_max_size)
                  for n in names]
         camera_world, camera_name, label = views[0].camera.c2w, names[0], names[0]
+        warnings = rig_warnings(names, views)
     else:
         if spec["source"] == "IMAGE":
             image = bpy.data.images.get(spec.get("image", ""))
@@ -73,14 +86,15 @@ def build_job(context, spec: dict) -> tuple[worker.Job, runtime.Target]:
             label = image.name
             if created:
                 bpy.data.images.remove(image)
-        camera_name = None
+        camera_name, warnings = None, []
         create_camera = {"lens": spec["photo_lens"], "resolution": [views[0].camera.width, views[0].camera.height]}
     options = protocol.Options(**spec["options"])
     job = worker.Job(address=prefs.address, server_public_key=prefs.server_public_key.strip() or None,
                      timeout_s=prefs.timeout_s, views=views, options=options, depth=spec["depth"])
+    provenance = dict(spec, rig_warnings=warnings) if len(views) > 1 else dict(spec)
     target = runtime.Target(scene_name=scene.name, camera_world=camera_world, camera_name=camera_name,
                             name=f"Pixal3D {label}", parent_to_camera=spec["parent_to_camera"],
-                            provenance=dict(spec), create_camera=create_camera)
+                            provenance=provenance, create_camera=create_camera)
     return job, target
 
 
@@ -91,6 +105,8 @@ def _start(operator, context, spec: dict) -> set:
         context.window_manager.pixal3d.last_error = str(error)
         operator.report({'ERROR'}, str(error))
         return {'CANCELLED'}
+    for warning in target.provenance.get("rig_warnings", []):
+        operator.report({'WARNING'}, warning)       # the job still runs: the user may know better
     runtime.start(job, target)
     return {'FINISHED'}
 
@@ -117,8 +133,9 @@ class PIXAL3D_OT_generate(bpy.types.Operator):
         if settings.source == "CAMERA" and context.scene.camera is None:
             cls.poll_message_set("The scene has no active camera")
             return False
-        if settings.source == "CAMERAS" and not any(o.type == 'CAMERA' for o in context.selected_objects):
-            cls.poll_message_set("Select the cameras to generate from (the active one is the main view)")
+        if settings.source == "CAMERAS" and not source_cameras(context):
+            cls.poll_message_set("Select the cameras to generate from, or choose a camera collection (the active "
+                                 "camera is the main view)")
             return False
         if settings.source == "IMAGE" and settings.image is None:
             cls.poll_message_set("Choose an image")

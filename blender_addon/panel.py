@@ -1,6 +1,7 @@
 """The "Pixal3D" tab in the 3D view's sidebar."""
 import bpy
 
+from . import operators
 
 
 class _SidebarPanel:
@@ -39,8 +40,10 @@ class PIXAL3D_PT_main(_SidebarPanel, bpy.types.Panel):
             camera = context.scene.camera
             col.label(text=camera.name if camera else "No active camera", icon='CAMERA_DATA')
         else:
-            names = [o.name for o in context.selected_objects if o.type == 'CAMERA']
-            col.label(text=f"{len(names)} selected camera(s); the active one is the main view",
+            col.prop(settings, "camera_collection")
+            names = operators.source_cameras(context)
+            where = "in the collection" if settings.camera_collection else "selected"
+            col.label(text=f"{len(names)} camera(s) {where}" + (f"; main view: {names[0]}" if names else ""),
                       icon='OUTLINER_OB_CAMERA')
 
         col = layout.column(heading="Seed")

@@ -12,8 +12,9 @@ from .worker import MODEL_DEFAULT_RESOLUTION
 SOURCES = [
     ("CAMERA", "Active Camera", "Render the active camera's view with a transparent background; the alpha is the "
                                 "object mask and the result is placed in that camera's view", 'CAMERA_DATA', 0),
-    ("CAMERAS", "Selected Cameras", "Multi-view: render every selected camera; the active camera is the main "
-                                    "view and the result is placed in its view", 'OUTLINER_OB_CAMERA', 1),
+    ("CAMERAS", "Cameras", "Multi-view: render every selected camera, or every camera of a collection; the active "
+                           "(or scene) camera is the main view and the result is placed in its view",
+     'OUTLINER_OB_CAMERA', 1),
     ("IMAGE", "Image", "A Blender image; its alpha (if any) is the object mask", 'IMAGE_DATA', 2),
     ("FILE", "Image File", "An image file on disk; its alpha (if any) is the object mask", 'FILE_IMAGE', 3),
 ]
@@ -23,6 +24,7 @@ _LABELS = {
     "shape_steps": "Shape Steps", "shape_guidance": "Shape Guidance", "tex_steps": "Texture Steps",
     "tex_guidance": "Texture Guidance", "face_target": "Face Target", "texture_size": "Texture Size",
     "remesh": "Remesh", "normal_map": "Normal Map", "low_vram": "Low VRAM",
+    "visibility_weighted": "Visible Views Only",
 }
 RESOLUTIONS = (MODEL_DEFAULT_RESOLUTION, 256, 1024, 1536)
 
@@ -50,6 +52,9 @@ class PIXAL3D_PG_settings(bpy.types.PropertyGroup):
     source: EnumProperty(name="Source", items=SOURCES, default="CAMERA")
     image: PointerProperty(name="Image", type=bpy.types.Image)
     filepath: StringProperty(name="Image File", subtype='FILE_PATH')
+    camera_collection: PointerProperty(
+        name="Camera Collection", type=bpy.types.Collection,
+        description="Multi-view from the cameras of this collection instead of the selected cameras")
     photo_lens: FloatProperty(
         name="Focal Length", default=50.0, min=1.0, soft_max=500.0, unit='CAMERA', subtype='DISTANCE_CAMERA',
         description="Focal length the photo was taken with, as a 36 mm full-frame equivalent (sets the field of "

@@ -110,6 +110,23 @@ def render_camera_view(scene, camera_object, engine: str, max_size: int) -> View
     return ViewInput(camera=cam, png=png)
 
 
+def alpha_mask(png: bytes, threshold: float = 0.5) -> np.ndarray:
+    """The alpha of a rendered PNG as a boolean mask [H, W], rows top-down (Blender decodes it: the add-on ships
+    no image library)."""
+    with tempfile.TemporaryDirectory(prefix="pixal3d-") as directory:
+        path = os.path.join(directory, "mask.png")
+        with open(path, "wb") as file:
+            file.write(png)
+        image = bpy.data.images.load(path)
+        try:
+            width, height = image.size
+            pixels = np.empty(width * height * 4, dtype=np.float32)
+            image.pixels.foreach_get(pixels)
+        finally:
+            bpy.data.images.remove(image)
+    return pixels.reshape(height, width, 4)[::-1, :, 3] > threshold
+
+
 def image_view(image, lens_mm: float, c2w: np.ndarray) -> ViewInput:
     """An image's pixels, seen by a pinhole of `lens_mm` (36 mm full-frame equivalent) at `c2w`."""
     width, height = image.size
