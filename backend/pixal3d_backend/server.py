@@ -11,6 +11,10 @@ A generator is any object with
         -> protocol.Result
 `on_progress` raises ProtocolError(CANCELLED) once the job is cancelled, so reporting progress between sampler
 steps is enough to make a generator cancellable; it may also raise ProtocolError itself (e.g. BAD_IMAGE).
+A generator that can trade speed for GPU memory also has
+    low_vram: bool, use_low_vram() -> None     (keep each model on the GPU only during its stage, from now on)
+and then a job that runs out of GPU memory switches it to low-VRAM mode and runs once more; the result's
+metadata `low_vram_retry` says why. A second out-of-memory error is the job's error, with advice.
 
 Security: only loopback (or ipc) endpoints may be bound without a CurveZMQ secret key. With a key the socket is
 a CURVE server, so only clients that know the server's public key can complete the handshake; others are
@@ -51,6 +55,7 @@ REMEMBERED_SUBMISSIONS = 1024        # request ids whose reply may still be retr
 POLL_INTERVAL_S = 0.1                # how often the threads look at the stop flag
 LOOPBACK_HOSTS = ("localhost", "::1", "[::1]")
 MAX_EXCEPTION_CHARS = 600            # of an exception's text quoted in an error message
+LOW_VRAM_RETRY_STAGE = "low_vram_retry"     # the progress stage while a job starts again in low-VRAM mode
 
 
 class Generator(Protocol):
@@ -262,11 +267,12 @@ class Server:
 
     def _run(self, job: Job) -> None:
         try:
-            produced = self.generator.generate(job.request, job.on_progress, job.should_cancel)
+            produced = self._generate(job)
         except ProtocolError as error:            # the generator's own verdict, CANCELLED included
             return self.queue.complete(job, error=error)
         except Exception as error:
-            return self.queue.complete(job, error=generation_error(error, job.request))
+            low_vram = job.request.options.low_vram or getattr(self.generator, "low_vram", False)
+            return self.queue.complete(job, error=generation_error(error, job.request, low_vram))
         try:
             # Validated as the client will validate it, so a generator bug is reported here, not in Blender.
             result = protocol.check(dataclasses.replace(produced, job_id=job.id))
@@ -275,6 +281,24 @@ class Server:
             return self.queue.complete(job, error=ProtocolError(
                 ErrorCode.INTERNAL, "the backend's generator returned an invalid result; its log has the details"))
         self.queue.complete(job, result=result)
+
+    def _generate(self, job: Job) -> Result:
+        """The generator's result for `job`. On running out of GPU memory, a generator that is not yet in low-VRAM
+        mode switches to it for good (the next jobs would run out too) and the job runs once more."""
+        try:
+            return self.generator.generate(job.request, job.on_progress, job.should_cancel)
+        except RuntimeError as error:
+            if not (is_out_of_memory(error) and getattr(self.generator, "low_vram", True) is False):
+                raise
+            reason = f"{type(error).__name__}: {str(error)[:MAX_EXCEPTION_CHARS]}"
+        # Past the except block the failed attempt's traceback, and with it its tensors, can be freed.
+        self.generator.use_low_vram()
+        _release_cached_memory()
+        log.warning("job %s ran out of GPU memory (%s); running it again with the model in low-VRAM mode, which "
+                    "stays on for the next jobs", job.id, reason)
+        job.on_progress(LOW_VRAM_RETRY_STAGE, 0, 1)
+        result = self.generator.generate(job.request, job.on_progress, job.should_cancel)
+        return dataclasses.replace(result, metadata={**result.metadata, "low_vram_retry": reason})
 
 
 def check_image_pixels(png: bytes, where: str) -> None:
@@ -296,15 +320,18 @@ def is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, MemoryError) or (isinstance(error, RuntimeError) and "out of memory" in str(error))
 
 
-def generation_error(error: Exception, request: SubmitRequest) -> ProtocolError:
-    """The error a client sees for an exception raised by the generator."""
+def generation_error(error: Exception, request: SubmitRequest, low_vram: bool) -> ProtocolError:
+    """The error a client sees for an exception raised by the generator (`low_vram`: whether the job ran in
+    low-VRAM mode)."""
     text = str(error)[:MAX_EXCEPTION_CHARS]
     if not is_out_of_memory(error):
         log.error("generation failed", exc_info=error)
         return ProtocolError(ErrorCode.INTERNAL, f"generation failed ({type(error).__name__}: {text}); the backend "
                                                  "log has the details")
     _release_cached_memory()
-    advice = [] if request.options.low_vram else ["turn on low_vram"]
+    if low_vram:
+        text += ", even in low-VRAM mode"
+    advice = [] if low_vram else ["turn on low_vram"]
     if request.options.resolution > 1024:
         advice.append("use resolution 1024")
     if len(request.views) > 1:

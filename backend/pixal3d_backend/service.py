@@ -49,6 +49,18 @@ class Generator:
     def device(self) -> torch.device:
         return self.model.pipeline.device
 
+    @property
+    def low_vram(self) -> bool:
+        return self.model.pipeline.low_vram
+
+    def use_low_vram(self) -> None:
+        """From now on each model stays on the CPU except during its own stage (the server's answer to running
+        out of GPU memory: slower, about half the VRAM)."""
+        pipeline = self.model.pipeline
+        pipeline.low_vram = True
+        for module in [*pipeline.models.values(), *pipeline.encoders.values()]:
+            module.to("cpu")
+
     def capabilities(self) -> dict:
         dev = self.device
         if dev.type == "cuda":

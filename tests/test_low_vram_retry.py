@@ -1,0 +1,76 @@
+"""Running out of GPU memory mid-job, with the real server, the real `service.Generator` and the bundled model's
+real pipeline: the job runs again with the model switched to low-VRAM mode and succeeds, saying so in its
+metadata; a second out-of-memory error is the job's clear error, and the server keeps serving.
+
+A CPU cannot run out of CUDA memory, so the sparse-structure flow's forward raises the real
+`torch.OutOfMemoryError` (what the CUDA caching allocator raises) a given number of times, and otherwise runs.
+On a GPU, `tests/gpu/check_low_vram_retry.py` makes a real generation run out of memory.
+"""
+import time
+
+import pytest
+import torch
+
+from pixal3d_backend.client import Client
+from pixal3d_backend.loading import load_model
+from pixal3d_backend.protocol import ErrorCode, JobState, ProtocolError, Result
+from pixal3d_backend.server import LOW_VRAM_RETRY_STAGE, Server
+from pixal3d_backend.service import Generator
+from test_load import QUICK, square_view
+
+
+class OutOfMemoryOnForward:
+    """Replaces `module.forward`: raises torch.OutOfMemoryError on the next `failures` calls, then runs the real
+    forward, noting whether the pipeline was in low-VRAM mode when it did."""
+
+    def __init__(self, module: torch.nn.Module, pipeline):
+        self.forward, self.pipeline = module.forward, pipeline
+        self.failures, self.low_vram_when_run = 0, []
+        module.forward = self
+
+    def __call__(self, *args, **kwargs):
+        if self.failures > 0:
+            self.failures -= 1
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total "
+                                         "capacity of 8.00 GiB of which 1.10 GiB is free.")
+        self.low_vram_when_run.append(self.pipeline.low_vram)
+        return self.forward(*args, **kwargs)
+
+
+def follow(client: Client, job_id: str) -> tuple[Result, list[str]]:
+    """The job's result and the progress stages seen on the way."""
+    stages = []
+    for update in client.events(job_id):
+        if isinstance(update, Result):
+            return update, stages
+        if update.progress is not None and update.progress.stage not in stages:
+            stages.append(update.progress.stage)
+    raise AssertionError("no result")
+
+
+@pytest.mark.slow
+def test_out_of_memory_retries_in_low_vram_mode_then_reports_a_second_one(tmp_path):
+    model = load_model(device="cpu")
+    generator = Generator(model)
+    assert generator.low_vram is False
+    flow = OutOfMemoryOnForward(model.pipeline.models["sparse_structure_flow_model"], model.pipeline)
+    with Server(generator, bind="tcp://127.0.0.1:*", store_dir=tmp_path / "store") as server, \
+            Client(server.address, timeout_s=10.0, heartbeat_s=0.05) as client:
+        flow.failures = 1
+        result, stages = follow(client, client.submit([square_view()], QUICK))
+        assert "CUDA out of memory" in result.metadata["low_vram_retry"]
+        assert LOW_VRAM_RETRY_STAGE in stages          # the client saw it start again
+        assert flow.low_vram_when_run[0] is True and generator.low_vram is True   # and it stays on
+        assert len(result.faces) > 0 and result.metadata["seed"] == QUICK.seed
+
+        flow.failures = 1           # already in low-VRAM mode: nothing left to try
+        job_id = client.submit([square_view()], QUICK)
+        with pytest.raises(ProtocolError) as out_of_memory:
+            follow(client, job_id)
+        assert out_of_memory.value.code is ErrorCode.OUT_OF_MEMORY
+        message = out_of_memory.value.message
+        assert "even in low-VRAM mode" in message and "turn on low_vram" not in message
+        assert "close other programs" in message
+        assert client.status(job_id).state is JobState.FAILED
+        started = time.monotonic()
+        assert client.hello().model_id == "default" and time.monotonic() - started < 1.0
