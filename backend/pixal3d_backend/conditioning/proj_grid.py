@@ -13,19 +13,35 @@ voxels; the dense `ProjGrid` module is the same computation over all R^3 voxels.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from pixal3d_kernels import proj_lift
 
 from pixal3d_backend.camera import R_MODEL_TO_WORLD, front_view_c2w
 
 SENSOR_MM = 32.0   # Blender default sensor width; the official focal length is written in millimetres
 
 
+@dataclass(frozen=True)
+class ViewCamera:
+    """Conditioning camera of one square image (any object with these attributes is accepted where a camera
+    is asked for; `c2w` may be absent).
+
+    `fov` is the horizontal (= vertical) field of view in radians. Without `c2w` the camera is the official
+    front view at `distance`; with `c2w` (a Blender camera-to-world, for multi-view re-based into the main
+    view's frame by `camera.rebase_view`) `distance` is not used.
+    """
+    fov: float
+    distance: float | None = None
+    mesh_scale: float = 1.0
+    c2w: np.ndarray | None = None
+
+
 def camera_to_world(camera) -> np.ndarray:
-    """[4, 4] Blender camera-to-world of a `camera.ViewCamera`-like object."""
+    """[4, 4] Blender camera-to-world of a `ViewCamera`-like object."""
     c2w = getattr(camera, "c2w", None)
     if c2w is not None:
         return np.asarray(c2w, dtype=np.float64)
@@ -44,8 +60,15 @@ class Projection(NamedTuple):
     def visible(self) -> torch.Tensor:
         """[B, N] bool: in front of the camera and inside the image (computed, never applied, by the official
         single-view code; used for visibility-weighted multi-view fusion)."""
-        inside = ((self.uv >= 0) & (self.uv < self.image_size)).all(-1)
-        return inside & (self.depth > 0)
+        return proj_lift.visible(self.uv, self.depth, self.image_size)
+
+
+class Views(NamedTuple):
+    """What the lifting kernel needs of the grid points and of B views (`pixal3d_kernels.proj_lift.lift`)."""
+    points: torch.Tensor       # [N, 3] official grid points, before `/ mesh_scale / 2`
+    mesh_scale: torch.Tensor   # [B]
+    w2c: torch.Tensor          # [B, 4, 4] float32 world-to-camera (Blender camera: looks along -z)
+    focal: torch.Tensor        # [B] focal length in pixels of the conditioning image
 
 
 def dense_grid_coords(grid_resolution: int, device=None) -> torch.Tensor:
@@ -84,21 +107,22 @@ def _c2w_batch(distance, c2w, batch: int, device) -> torch.Tensor:
     return c2w.expand(batch, 4, 4)
 
 
-def project_voxels(coords: torch.Tensor, grid_resolution: int, image_size: int, fov, distance=None,
-                   mesh_scale=1.0, c2w=None, batch: int = 1) -> Projection:
-    """Projects voxels `coords` [N, 3] of an R^3 grid into `batch` views (camera arguments are scalars or
+def views_of(coords: torch.Tensor, grid_resolution: int, image_size: int, fov, distance=None, mesh_scale=1.0,
+             c2w=None, batch: int = 1) -> Views:
+    """Grid points of voxels `coords` [N, 3] of an R^3 grid and `batch` views (camera arguments are scalars or
     per-view sequences/tensors; `c2w` [4,4] or [B,4,4] replaces the front view at `distance`)."""
     device = coords.device
-    ms = _per_view(mesh_scale, batch, device)
-    points = world_grid_points(coords, grid_resolution)[None] / ms[:, None, None] / 2       # [B, N, 3]
     # The official code inverts the float32 camera-to-world matrix; keep that rounding.
     w2c = torch.linalg.inv(_c2w_batch(distance, c2w, batch, device))
-    cam = points @ w2c[:, :3, :3].transpose(1, 2) + w2c[:, None, :3, 3]                     # looks along -z
     focal = SENSOR_MM / 2 / torch.tan(_per_view(fov, batch, device) / 2) * image_size / SENSOR_MM
-    depth = -cam[..., 2]
-    u = focal[:, None] * cam[..., 0] / (depth + 1e-8) + image_size / 2
-    v = -focal[:, None] * cam[..., 1] / (depth + 1e-8) + image_size / 2                      # image y down
-    return Projection(torch.stack([u, v], -1), depth, image_size)
+    return Views(world_grid_points(coords, grid_resolution), _per_view(mesh_scale, batch, device), w2c, focal)
+
+
+def project_voxels(coords: torch.Tensor, grid_resolution: int, image_size: int, fov, distance=None,
+                   mesh_scale=1.0, c2w=None, batch: int = 1) -> Projection:
+    """Projects voxels `coords` [N, 3] of an R^3 grid into `batch` views (arguments as in `views_of`)."""
+    views = views_of(coords, grid_resolution, image_size, fov, distance, mesh_scale, c2w, batch)
+    return Projection(*proj_lift.project(*views, image_size), image_size)
 
 
 def _as_bchw(fmap: torch.Tensor, layout: str) -> torch.Tensor:
@@ -111,18 +135,6 @@ def _as_bchw(fmap: torch.Tensor, layout: str) -> torch.Tensor:
     raise ValueError(f"layout must be 'BCHW' or 'BHWC', got {layout!r}")
 
 
-def sample_features(fmap: torch.Tensor, projection: Projection, layout: str = "BCHW") -> torch.Tensor:
-    """Bilinear, border-padded samples of `fmap` (one map per view) at the projected points -> [B, N, C]."""
-    fmap = _as_bchw(fmap, layout)
-    if fmap.shape[0] != projection.uv.shape[0]:
-        raise ValueError(f"{fmap.shape[0]} feature maps for {projection.uv.shape[0]} views")
-    # The map covers the image whatever its resolution: normalise pixel centres (u + 0.5) by the image size.
-    grid = (projection.uv + 0.5) / projection.image_size * 2 - 1
-    out = F.grid_sample(fmap, grid[:, :, None, :].to(fmap.dtype), mode="bilinear", padding_mode="border",
-                        align_corners=False)
-    return out[..., 0].transpose(1, 2)
-
-
 def lift_features(fmap: torch.Tensor, coords: torch.Tensor, grid_resolution: int, image_size: int, fov,
                   distance=None, mesh_scale=1.0, c2w=None, layout: str = "BCHW") -> torch.Tensor:
     """Image features of voxels `coords` [N, 3] (x, y, z) of an R^3 grid -> [B, N, C], one row block per
@@ -131,9 +143,10 @@ def lift_features(fmap: torch.Tensor, coords: torch.Tensor, grid_resolution: int
     `image_size` is the side of the conditioning image the camera refers to (the map may be smaller, e.g. the
     S/16 patch map). Camera arguments are scalars or per-map sequences/tensors; see `project_voxels`.
     """
-    projection = project_voxels(coords.to(fmap.device), grid_resolution, image_size, fov, distance, mesh_scale,
-                                c2w, batch=fmap.shape[0])
-    return sample_features(fmap, projection, layout)
+    fmap = _as_bchw(fmap, layout)
+    views = views_of(coords.to(fmap.device), grid_resolution, image_size, fov, distance, mesh_scale, c2w,
+                     batch=fmap.shape[0])
+    return proj_lift.lift(fmap, *views, image_size, reduce="none")
 
 
 def lift_features_multiview(fmaps: torch.Tensor, coords: torch.Tensor, grid_resolution: int, image_size: int,
@@ -146,15 +159,12 @@ def lift_features_multiview(fmaps: torch.Tensor, coords: torch.Tensor, grid_reso
     §3.2). "visible": the mean over the views that see the voxel inside the image; voxels no view sees get 0.
     With one view "mean" is exactly single-view lifting.
     """
-    projection = project_voxels(coords.to(fmaps.device), grid_resolution, image_size, fovs, None, mesh_scale,
-                                c2ws, batch=fmaps.shape[0])
-    feats = sample_features(fmaps, projection, layout)                                      # [V, N, C]
-    if weighting == "mean":
-        return feats.mean(0)
-    if weighting == "visible":
-        weight = projection.visible.to(feats.dtype)[..., None]
-        return (feats * weight).sum(0) / weight.sum(0).clamp(min=1)
-    raise ValueError(f"weighting must be 'mean' or 'visible', got {weighting!r}")
+    if weighting not in ("mean", "visible"):
+        raise ValueError(f"weighting must be 'mean' or 'visible', got {weighting!r}")
+    fmaps = _as_bchw(fmaps, layout)
+    views = views_of(coords.to(fmaps.device), grid_resolution, image_size, fovs, None, mesh_scale, c2ws,
+                     batch=fmaps.shape[0])
+    return proj_lift.lift(fmaps, *views, image_size, reduce=weighting)
 
 
 class ProjGrid(torch.nn.Module):
