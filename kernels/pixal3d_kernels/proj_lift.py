@@ -180,7 +180,7 @@ def lift(fmaps: torch.Tensor, points: torch.Tensor, mesh_scale: torch.Tensor, w2
     permuted to this shape is read in place), `mesh_scale`, `focal` [V], `w2c` [V, 4, 4], `image_size` the side of
     the image the cameras refer to. Returns [V, N, C] for reduce "none", else [N, C] (module docstring)."""
     if reduce not in REDUCTIONS:
-        raise ValueError(f"weighting must be 'mean' or 'visible', got {reduce!r}")
+        raise ValueError(f"reduce must be one of {REDUCTIONS}, got {reduce!r}")
     if fmaps.dim() != 4:
         raise ValueError(f"feature maps must be [V, C, H, W], got shape {tuple(fmaps.shape)}")
     if not (mesh_scale.shape[0] == w2c.shape[0] == focal.shape[0] == fmaps.shape[0]):
