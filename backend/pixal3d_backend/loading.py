@@ -277,6 +277,7 @@ def load_model(model: str | os.PathLike | None = None, device: str | torch.devic
     keys = [k for k in (TWO_STAGE_KEYS if "shape_slat_flow_model_1024" in listed else SINGLE_STAGE_KEYS)
             if k in listed]
     stage_device = "cpu" if low_vram else device
+    multiview = multiview_flows(snapshot, [k for k in keys if k in FLOW_KEYS], stage_device)
     modules = {k: snapshot.load(k, stage_device) for k in keys}
     encoders = {k: modules.pop(k) for k in list(modules) if k.startswith("image_cond_model")}
     if not encoders:                                  # official snapshots: the scripts build the extractors
@@ -284,7 +285,6 @@ def load_model(model: str | os.PathLike | None = None, device: str | torch.devic
     settings = {stage: {**STAGE_DEFAULTS[stage], **args.get(key, {}).get("params", {})}
                 for stage, key in SAMPLER_KEYS.items()}
     sigma_min = args.get("sparse_structure_sampler", {}).get("args", {}).get("sigma_min", 1e-5)
-    multiview = multiview_flows(snapshot, [k for k in keys if k in FLOW_KEYS], stage_device)
     pipeline = Pixal3DPipeline(modules, encoders, settings,
                                Normalization.from_json(args["shape_slat_normalization"]),
                                Normalization.from_json(args["tex_slat_normalization"]),
