@@ -4,7 +4,7 @@ import bpy
 
 from . import operators, panel, preferences, properties, runtime
 
-_classes = (preferences.PIXAL3D_AP_preferences, *operators.classes, *panel.classes)
+_classes = (*preferences.classes, *operators.classes, *panel.classes)
 
 
 def register():

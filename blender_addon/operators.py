@@ -89,8 +89,7 @@ def build_job(context, spec: dict) -> tuple[worker.Job, runtime.Target]:
         camera_name, warnings = None, []
         create_camera = {"lens": spec["photo_lens"], "resolution": [views[0].camera.width, views[0].camera.height]}
     options = protocol.Options(**spec["options"])
-    job = worker.Job(address=prefs.address, server_public_key=prefs.server_public_key.strip() or None,
-                     timeout_s=prefs.timeout_s, views=views, options=options, depth=spec["depth"])
+    job = worker.Job(connection=prefs.connection(), views=views, options=options, depth=spec["depth"])
     provenance = dict(spec, rig_warnings=warnings) if len(views) > 1 else dict(spec)
     target = runtime.Target(scene_name=scene.name, camera_world=camera_world, camera_name=camera_name,
                             name=f"Pixal3D {label}", parent_to_camera=spec["parent_to_camera"],
@@ -239,7 +238,7 @@ class PIXAL3D_OT_check_backend(bpy.types.Operator):
 
     def execute(self, context):
         prefs = preferences.get(context)
-        runtime.check_connection(prefs.address, prefs.server_public_key.strip() or None, prefs.timeout_s)
+        runtime.check_connection(prefs.connection())
         return {'FINISHED'}
 
 

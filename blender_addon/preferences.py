@@ -1,8 +1,9 @@
-"""Add-on preferences: where the backend is, how to start a local one, timeouts, the camera render engine."""
+"""Add-on preferences: where the backend is, the CurveZMQ keys to reach a remote one, how to start a local one,
+timeouts, the camera render engine."""
 import bpy
 from bpy.props import EnumProperty, FloatProperty, IntProperty, StringProperty
 
-from . import runtime
+from . import runtime, worker
 from .shared import client
 
 RENDER_ENGINES = [
@@ -23,6 +24,14 @@ class PIXAL3D_AP_preferences(bpy.types.AddonPreferences):
         name="Server Public Key",
         description="For a remote backend: the 40-character CurveZMQ public key that `pixal3d keys` printed. "
                     "Leave empty for a backend on this computer")
+    client_public_key: StringProperty(
+        name="Client Public Key",
+        description="This Blender's CurveZMQ public key. A backend started with --client-keys lets in only the "
+                    "clients whose public keys are in that folder: create a key here and send the public one to "
+                    "whoever runs it")
+    client_secret_key: StringProperty(
+        name="Client Secret Key", subtype='PASSWORD',
+        description="The secret half of this Blender's CurveZMQ key; it never leaves this computer")
     backend_command: StringProperty(
         name="Backend Command", default="pixal3d serve",
         description="Command line that starts a local backend (the full path to `pixal3d` if it is not on PATH)")
@@ -43,6 +52,11 @@ class PIXAL3D_AP_preferences(bpy.types.AddonPreferences):
         col = layout.column(heading="Connection")
         col.prop(self, "address")
         col.prop(self, "server_public_key")
+        col.prop(self, "client_public_key")
+        col.prop(self, "client_secret_key")
+        row = col.row(align=True)
+        row.operator("pixal3d.create_client_key", icon='KEY_HLT')
+        row.operator("pixal3d.copy_client_key", icon='COPYDOWN')
         col.prop(self, "timeout_s")
         col = layout.column(heading="Local Backend")
         col.prop(self, "backend_command")
@@ -58,5 +72,52 @@ class PIXAL3D_AP_preferences(bpy.types.AddonPreferences):
         col.prop(self, "render_max_size")
 
 
+    def connection(self) -> worker.Connection:
+        """The backend's address and keys as set here; the client key counts only with CurveZMQ (a server key)."""
+        server_key = self.server_public_key.strip() or None
+        keypair = None
+        if server_key and self.client_public_key.strip():
+            keypair = (self.client_public_key.strip(), self.client_secret_key.strip())
+        return worker.Connection(self.address, self.timeout_s, server_key, keypair)
+
+
+class PIXAL3D_OT_create_client_key(bpy.types.Operator):
+    """Create a new CurveZMQ key pair for this Blender, for backends that let in only the client keys they know"""
+    bl_idname = "pixal3d.create_client_key"
+    bl_label = "Create Client Key"
+    bl_options = {'INTERNAL'}
+
+    def invoke(self, context, event):
+        if get(context).client_public_key:       # the old key may be the one a backend allows
+            return context.window_manager.invoke_confirm(self, event, message="Replace this Blender's client key? "
+                                                         "Backends that allow the old one will refuse the new one")
+        return self.execute(context)
+
+    def execute(self, context):
+        prefs = get(context)
+        prefs.client_public_key, prefs.client_secret_key = client.new_keypair()
+        self.report({'INFO'}, "Created a client key: copy its public key to whoever runs the backend")
+        return {'FINISHED'}
+
+
+class PIXAL3D_OT_copy_client_key(bpy.types.Operator):
+    """Copy this Blender's client public key, to send to whoever runs the backend"""
+    bl_idname = "pixal3d.copy_client_key"
+    bl_label = "Copy Public Key"
+    bl_options = {'INTERNAL'}
+
+    @classmethod
+    def poll(cls, context):
+        return bool(get(context).client_public_key)
+
+    def execute(self, context):
+        context.window_manager.clipboard = get(context).client_public_key
+        self.report({'INFO'}, "Copied the client public key")
+        return {'FINISHED'}
+
+
 def get(context) -> PIXAL3D_AP_preferences:
     return context.preferences.addons[__package__].preferences
+
+
+classes = (PIXAL3D_AP_preferences, PIXAL3D_OT_create_client_key, PIXAL3D_OT_copy_client_key)

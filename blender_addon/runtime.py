@@ -208,7 +208,7 @@ def _report(level: set, message: str) -> None:
 
 # -- connection check (preferences and panel) -----------------------------------------------------------------
 
-def check_connection(address: str, key: str | None, timeout_s: float) -> None:
+def check_connection(connection: worker.Connection) -> None:
     """Asks the backend for its capabilities in a thread; `status_text()` shows the answer."""
     global _check, _check_text
     if _check is not None:
@@ -216,9 +216,8 @@ def check_connection(address: str, key: str | None, timeout_s: float) -> None:
     answer: list = []
 
     def ask():
-        from .shared import client
         try:
-            with client.Client(address, key or None, timeout_s=timeout_s) as c:
+            with connection.client() as c:
                 caps = c.hello()
             answer.append(f"Connected: {caps.model_id} on {caps.device} (backend {caps.backend_version})")
         except Exception as error:

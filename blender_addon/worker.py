@@ -40,11 +40,22 @@ class ViewInput:
         return imaging.encode_png_rgba(rgba)
 
 
+@dataclass(frozen=True)
+class Connection:
+    """How to reach the backend, as set in the preferences."""
+    address: str
+    timeout_s: float = backend_client.DEFAULT_TIMEOUT_S
+    server_public_key: str | None = None             # CurveZMQ, for a remote backend
+    client_keypair: tuple[str, str] | None = None    # this Blender's own (public, secret), for an allow-list
+
+    def client(self) -> backend_client.Client:
+        return backend_client.Client(self.address, self.server_public_key, timeout_s=self.timeout_s,
+                                     name="pixal3d blender add-on", client_keypair=self.client_keypair)
+
+
 @dataclass
 class Job:
-    address: str
-    server_public_key: str | None
-    timeout_s: float
+    connection: Connection
     views: list[ViewInput]
     options: protocol.Options
     depth: float = 0.0       # distance of the object's centre from the camera; 0 keeps the model's own
@@ -115,14 +126,15 @@ class JobWorker(threading.Thread):
 
     def run(self) -> None:
         try:
-            with backend_client.Client(self.job.address, self.job.server_public_key or None,
-                                       timeout_s=self.job.timeout_s, name="pixal3d blender add-on") as client:
+            with self.job.connection.client() as client:
                 self.events.put(self._run(client))
+        except backend_client.AccessRefused as error:
+            self.events.put(Failed(f"Refused by the Pixal3D backend: {error}"))
         except backend_client.BackendUnavailable as error:
             self.events.put(Failed(f"Cannot reach the Pixal3D backend: {error}"))
         except protocol.ProtocolError as error:
             self.events.put(Failed(_explain(error)))
-        except ValueError as error:      # a malformed server key, a bad depth
+        except ValueError as error:      # a malformed key, a bad depth
             self.events.put(Failed(str(error)))
         except Exception as error:       # a bug: say so instead of leaving the panel stuck
             self.events.put(Failed(f"Unexpected error in the Pixal3D add-on ({type(error).__name__}: {error}); "

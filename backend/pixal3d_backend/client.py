@@ -179,10 +179,10 @@ class Client:
         event = recv_monitor_message(self._monitor)
         if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
             self._reset()
-            raise AccessRefused(f"the Pixal3D backend at {self.address} refused this client: its public key "
+            raise AccessRefused(f"the backend at {self.address} does not allow this client: its public key "
                                 f"{self._keypair[0].decode()} is not among the backend's allowed client keys. Ask "
                                 "whoever runs the backend to put it in a `<name>.public` file in its --client-keys "
-                                "folder, or use the client key it already allows")
+                                "folder, or use a client key it already allows")
 
     def _connect(self) -> zmq.Socket:
         socket = self._context.socket(zmq.DEALER)
@@ -211,6 +211,12 @@ class Client:
                 "if the backend was started with --curve-secret-key, enter its public key in the preferences")
         return (f"no answer from the Pixal3D backend at {self.address} within {self.timeout_s:g} s: is it running "
                 f"(`pixal3d serve`) and reachable? If it is, {hint}")
+
+
+def new_keypair() -> tuple[str, str]:
+    """A fresh CurveZMQ keypair (public, secret) as Z85 text, for a client that a backend's allow-list will name."""
+    public, secret = zmq.curve_keypair()
+    return public.decode("ascii"), secret.decode("ascii")
 
 
 def _z85_key(key: bytes | str, kind: str = "public") -> bytes:
