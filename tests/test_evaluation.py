@@ -205,3 +205,29 @@ def test_default_model_beats_its_measured_floor(tmp_path):
         assert math.isfinite(o[key]) and o[key] > 0, key
     assert o["iou"] > 0.6 and o["f@0.05_visible"] > 0.15 and o["f@0.05_full"] > 0.2
     assert (tmp_path / f"{seed_of('eval', 0)}.png").is_file()
+
+
+@pytest.mark.slow
+def test_orbit_cameras_see_the_object_where_their_renders_do():
+    """The protocol cameras of `pixal3d eval --views K` (view 0's world, its model frame possibly translated) put
+    the object exactly where each orbit view's own render shows it."""
+    from pixal3d_backend.camera import R_MODEL_TO_WORLD
+    from pixal3d_backend.data import render_views
+
+    obj = make_object(seed_of("eval", 1))
+    field = obj.field("cpu")
+    surface = surface_samples(field, 32).cpu().double().numpy()
+    main = ProceduralDataset("eval", views_per_object=1).views(obj, surface)[0]
+    views = [main] + [evaluation.orbit_view(main, surface, a) for a in (math.pi / 2, math.pi)]
+    size = 48
+    masks = render_views(field, views, size, 1).rgba[:, 3].numpy() > 0.5
+    world = (main.scale * surface @ main.rotation.T + main.translation) @ R_MODEL_TO_WORLD.T / main.mesh_scale
+    for view, mask in zip(views, masks):
+        c2w = evaluation.camera_to_world(main, view)
+        local = world @ np.linalg.inv(c2w)[:3, :3].T + np.linalg.inv(c2w)[:3, 3]
+        k = evaluation.intrinsics_of(view, size)
+        px = np.floor(k.focal * local[:, 0] / -local[:, 2] + k.cx).astype(int)
+        py = np.floor(-k.focal * local[:, 1] / -local[:, 2] + k.cy).astype(int)
+        inside = (px >= 0) & (px < size) & (py >= 0) & (py < size)
+        assert inside.mean() > 0.99
+        assert mask[py[inside], px[inside]].mean() > 0.97
