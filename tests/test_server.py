@@ -362,6 +362,8 @@ def test_allow_list_refuses_unknown_client_keys_clearly_and_serves_allowed_ones(
     with client_for(server, server_public_key=read_key(server_public), client_keypair=laptop) as trusted:
         assert trusted.hello().model_id == "test-silhouette"
         assert isinstance(run_to_result(trusted, trusted.submit([object_view()], FAST)), Result)
+    with pytest.raises(ValueError, match="not the one of the client secret key"):
+        Client(server.address, read_key(server_public), client_keypair=(laptop[0], stranger_keys[1]))
     # A key put in the folder is allowed from the next connection on, without a restart.
     (allowed_dir / "desktop.public").write_text(stranger_keys[0] + "\n")
     with client_for(server, server_public_key=read_key(server_public), client_keypair=stranger_keys) as admitted:

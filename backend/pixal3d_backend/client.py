@@ -63,6 +63,9 @@ class Client:
         self._server_key = _z85_key(server_public_key) if server_public_key is not None else None
         if client_keypair is not None:
             self._keypair = (_z85_key(client_keypair[0]), _z85_key(client_keypair[1], "secret"))
+            if zmq.curve_public(self._keypair[1]) != self._keypair[0]:
+                raise ValueError("the client public key is not the one of the client secret key: create a new "
+                                 "client key, or enter both halves of the same one")
         else:
             self._keypair = zmq.curve_keypair() if self._server_key is not None else None
         self._context = zmq.Context()
