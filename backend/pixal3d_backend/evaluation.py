@@ -3,8 +3,10 @@
 For each eval object (seeds `data.seed_of("eval", i)`, disjoint from training by construction) the conditioning
 view is the eval dataset's first view of it (training camera relation: the object posed in the camera's
 view-aligned model frame, random FOV), rendered as RGBA and sent through `service.Generator.run` exactly as the
-server would. The asset then goes back into the input camera with the product's own placement,
-`Generation.crop.glb_to_camera()` (off-axis crop shear included), and is measured against the procedural SDF:
+server would; with `views` K > 1, K - 1 more cameras orbit the object at the same elevation (evenly spaced in
+azimuth) and are sent posed in view 0's world, as the add-on's multi-view source does. The asset then goes back
+into the input camera with the product's own placement, `Generation.glb_to_camera()` (off-axis crop shear
+included; the scene scale too when several cameras fixed it), and is measured against the procedural SDF:
 
 * Input view (2-D): mask IoU of the geometric silhouettes, and PSNR / SSIM over the union of both masks.
   Both sides are *albedo* renders (sRGB base colour x material alpha, unlit, on black): the asset carries PBR
