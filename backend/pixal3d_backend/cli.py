@@ -9,7 +9,7 @@ import sys
 COMMANDS = {
     "generate": ("pixal3d_backend.service", "generate_main", "image -> textured GLB, in this process"),
     "serve": ("pixal3d_backend.server", "serve_main", "run the warm backend server for the Blender add-on"),
-    "keys": ("pixal3d_backend.server", "keys_main", "create CurveZMQ keys for a remote (non-loopback) server"),
+    "keys": ("pixal3d_backend.server", "keys_main", "create CurveZMQ keys for a remote server or its clients"),
     "weights": ("pixal3d_backend.weights", "main", "`weights download`: fetch the official weights (network)"),
     "bench": ("pixal3d_backend.bench", "main", "GPU benchmark of the full-size architecture"),
     "eval": ("pixal3d_backend.evaluation", "main", "evaluate a model on the held-out procedural set"),
