@@ -170,29 +170,35 @@ def normalize(x: torch.Tensor, stats: dict) -> torch.Tensor:
     return (x - torch.tensor(stats["mean"], device=x.device)) / torch.tensor(stats["std"], device=x.device)
 
 
+@torch.no_grad()
+def flow_targets(pool: Views, frozen: dict, normalization: dict) -> Views:
+    """Pool of views -> images, cameras and the latents (posterior means) flows learn to generate, one for each
+    VAE encoder in `frozen`: dense "ss" [V, 8, 16, 16, 16]; sparse "shape" and "tex" (normalised) on the tokens."""
+    dense = {k: pool.dense[k] for k in ("images", "cameras")}
+    coords, sparse = pool.coords[:0], {}
+    if "ss_encoder" in frozen:
+        dense["ss"] = frozen["ss_encoder"](occupancy(pool))[0]
+    if "shape_encoder" in frozen:
+        shape = frozen["shape_encoder"](shape_inputs(pool))[0]
+        coords, sparse["shape"] = shape.coords, normalize(shape.feats, normalization["shape"])
+    if "tex_encoder" in frozen:
+        tex = frozen["tex_encoder"](texture_inputs(pool))[0]       # same tokens, same order as the shape latent
+        sparse["tex"] = normalize(tex.feats, normalization["tex"])
+    return Views(dense, coords, sparse)
+
+
 class FlowStage(Stage):
     needs_images = True
 
-    @torch.no_grad()
     def prepare(self, pool: Views) -> Views:
-        """Pool of views -> images, cameras and the latents (posterior means) the flow learns to generate."""
-        dense = {k: pool.dense[k] for k in ("images", "cameras")}
-        if self.name == "ss_flow":
-            dense["latent"] = self.frozen["ss_encoder"](occupancy(pool))[0]
-            return Views(dense, pool.coords[:0])
-        shape = self.frozen["shape_encoder"](shape_inputs(pool))[0]
-        sparse = {"shape": normalize(shape.feats, self.normalization["shape"])}
-        if self.name == "tex_flow":
-            tex = self.frozen["tex_encoder"](texture_inputs(pool))[0]
-            sparse["tex"] = normalize(tex.feats, self.normalization["tex"])
-        return Views(dense, shape.coords, sparse)
+        return flow_targets(pool, self.frozen, self.normalization)
 
     def losses(self, batch, gen):
         flow, extractor = self.models.values()
         images, cameras = batch.dense["images"], batch.dense["cameras"]
         if self.name == "ss_flow":
             cond = condition_dense(extractor, images, cameras, configs.SS_LATENT_RESOLUTION)
-            loss = losses.flow_matching_loss(flow, batch.dense["latent"], cond, "logit_normal", gen)
+            loss = losses.flow_matching_loss(flow, batch.dense["ss"], cond, "logit_normal", gen)
         elif self.name == "shape_flow":
             x0 = batch.sparse_tensor("shape")
             loss = losses.flow_matching_loss(flow, x0, condition_sparse(extractor, images, cameras, x0), "uniform",

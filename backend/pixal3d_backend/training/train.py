@@ -31,6 +31,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..loading import load_model
 from . import configs
 from .batches import ViewGenerator, Views, generate_pool, shape_inputs, texture_inputs
 from .stages import DEPENDS, LEARNING_RATE, STAGE_CLASSES, VIEWS_PER_STEP, build, stage_config, trained_keys
@@ -118,9 +119,10 @@ def latent_statistics(encoder, pool: Views, inputs, chunk: int = 8) -> dict:
 
 class Trainer:
     def __init__(self, stage: str, out: Path, device: str, seed: int = 0, workers: int = 0,
-                 overrides: dict | None = None, log_every: int = 25, checkpoint_minutes: float = 3.0):
+                 overrides: dict | None = None, log_every: int = 25, checkpoint_minutes: float = 3.0,
+                 pool_dir: Path | None = None):
         self.name, self.dir, self.device = stage, out / stage, torch.device(device)
-        self.seed, self.workers, self.log_every = seed, workers, log_every
+        self.seed, self.workers, self.log_every, self.pool_dir = seed, workers, log_every, pool_dir
         self.checkpoint_seconds = 60 * checkpoint_minutes
         self.dir.mkdir(parents=True, exist_ok=True)
         frozen, normalization = dependencies(out, stage, self.device, overrides)
@@ -158,6 +160,12 @@ class Trainer:
     # -- training ---------------------------------------------------------------------------------------
     def build_pool(self, budget_seconds: float, max_batches: int) -> Views:
         t0 = time.monotonic()
+        if self.pool_dir is not None:      # shared flow pool (flow_pool.py): already prepared for every flow
+            from .flow_pool import load_pool
+            pool = load_pool(self.pool_dir, self.device)
+            self.log({"event": "pool", "views": len(pool), "from": str(self.pool_dir),
+                      "seconds": round(time.monotonic() - t0, 1)})
+            return pool
         generator = ViewGenerator(OBJECTS_PER_GENERATOR_BATCH, str(self.device), self.stage.needs_images)
         deadline = None if self.pool_batches else t0 + POOL_FRACTION[self.name] * budget_seconds
         pool, self.pool_batches = generate_pool(generator, self.pool_batches or max_batches, self.workers,
@@ -182,10 +190,20 @@ class Trainer:
         self.step += 1
         return {**{k: v.item() for k, v in terms.items()}, "grad_norm": float(grad_norm), "lr": lr}
 
-    def initialise_from(self, run: Path) -> None:
-        """Starts from the EMA weights of the same stage of an earlier run (fine-tuning: a new optimiser, step 0)."""
-        tensors, _ = load_weights(run / self.name / "weights.safetensors")
-        self.models.load_state_dict({k: v.float() for k, v in tensors.items()})
+    def initialise_from(self, source: Path) -> None:
+        """Starts from earlier weights (fine-tuning: a new optimiser, step 0): the same stage of an earlier run, or
+        a model snapshot (e.g. the bundled default model) holding the stage's networks."""
+        if (source / "pipeline.json").is_file():
+            loaded = load_model(source, device="cpu")
+            networks = {**loaded.pipeline.models, **loaded.pipeline.encoders}
+            missing = [k for k in self.models if k not in networks]
+            if missing:
+                raise ValueError(f"{source} has no {missing} to initialise stage {self.name} from")
+            for key, net in self.models.items():
+                net.load_state_dict(networks[key].state_dict())
+        else:
+            tensors, _ = load_weights(source / self.name / "weights.safetensors")
+            self.models.load_state_dict({k: v.float() for k, v in tensors.items()})
         self.ema = EMA(self.models)
 
     def run(self, minutes: float, resume: bool, max_steps: int | None = None, max_pool_batches: int = 10_000,
@@ -243,19 +261,23 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--resume", action="store_true", help="continue each stage from DIR/<stage>/state.pt")
     p.add_argument("--init", type=Path, help="start each stage from RUN/<stage>/weights.safetensors of an earlier "
-                   "run (fine-tuning; ignored for a stage that resumes)")
+                   "run, or from a model snapshot folder (fine-tuning; ignored for a stage that resumes)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--workers", type=int, default=0,
                    help="data-generation processes sharing the device (0: in this process; several processes on "
                         "one GPU gave no measured speed-up)")
+    p.add_argument("--pool", type=Path, help="train flow stages on the shards of this folder (flow_pool.py) "
+                   "instead of generating a pool")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--checkpoint-minutes", type=float, default=3.0)
     args = p.parse_args(argv)
     stages = list(configs.STAGES) if "all" in args.stage else args.stage
     for stage, minutes in stage_minutes(stages, args.minutes).items():
+        if args.pool is not None and not stage.endswith("_flow"):
+            p.error(f"--pool holds flow training data; stage {stage} generates its own")
         trainer = Trainer(stage, args.out, args.device, args.seed, args.workers,
-                          checkpoint_minutes=args.checkpoint_minutes)
+                          checkpoint_minutes=args.checkpoint_minutes, pool_dir=args.pool)
         trainer.run(minutes, args.resume, args.max_steps, init=args.init)
 
 
