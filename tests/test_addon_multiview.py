@@ -45,7 +45,7 @@ def build_rig():
         obj.select_set(obj.type == 'CAMERA')
     bpy.context.view_layer.objects.active = cameras["Main"]
     prefs = bpy.context.preferences.addons["pixal3d"].preferences
-    prefs.render_engine, prefs.timeout_s = "WORKBENCH", 10.0
+    prefs.render_engine, prefs.timeout_s = "WORKBENCH", 60.0   # a busy 2-core machine starves the server
     settings = scene.pixal3d
     settings.source, settings.seed, settings.random_seed, settings.depth = "CAMERAS", 3, False, 0.0
     settings.resolution, settings.face_target, settings.texture_size = "256", 20_000, "512"
