@@ -58,7 +58,7 @@ class Generator:
         out of GPU memory: slower, about half the VRAM)."""
         pipeline = self.model.pipeline
         pipeline.low_vram = True
-        for module in [*pipeline.models.values(), *pipeline.encoders.values()]:
+        for module in [*pipeline.models.values(), *pipeline.multiview_models.values(), *pipeline.encoders.values()]:
             module.to("cpu")
 
     def capabilities(self) -> dict:
