@@ -13,7 +13,6 @@ voxels; the dense `ProjGrid` module is the same computation over all R^3 voxels.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
@@ -25,23 +24,8 @@ from pixal3d_backend.camera import R_MODEL_TO_WORLD, front_view_c2w
 SENSOR_MM = 32.0   # Blender default sensor width; the official focal length is written in millimetres
 
 
-@dataclass(frozen=True)
-class ViewCamera:
-    """Conditioning camera of one square image (any object with these attributes is accepted where a camera
-    is asked for; `c2w` may be absent).
-
-    `fov` is the horizontal (= vertical) field of view in radians. Without `c2w` the camera is the official
-    front view at `distance`; with `c2w` (a Blender camera-to-world, for multi-view re-based into the main
-    view's frame by `camera.rebase_view`) `distance` is not used.
-    """
-    fov: float
-    distance: float | None = None
-    mesh_scale: float = 1.0
-    c2w: np.ndarray | None = None
-
-
 def camera_to_world(camera) -> np.ndarray:
-    """[4, 4] Blender camera-to-world of a `ViewCamera`-like object."""
+    """[4, 4] Blender camera-to-world of a `camera.ViewCamera`-like object."""
     c2w = getattr(camera, "c2w", None)
     if c2w is not None:
         return np.asarray(c2w, dtype=np.float64)
