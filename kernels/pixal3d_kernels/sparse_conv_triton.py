@@ -25,8 +25,8 @@ from .triton_precision import dot_input_precision
 
 # largest coordinate (batch or spatial) the 16-bit key fields take; neighbours at +1 still fit a field
 KEY_LIMIT = 1 << 15
-EMPTY_KEY = -1              # an unclaimed slot (keys are >= 0)
-NEVER_KEY = -2              # compared against by lanes that are done, so their compare-and-swap never writes
+EMPTY_KEY = tl.constexpr(-1)   # an unclaimed slot (keys are >= 0)
+NEVER_KEY = tl.constexpr(-2)   # compared against by lanes that are done, so their compare-and-swap never writes
 
 
 def fits_hash_keys(largest: int) -> bool:
@@ -96,7 +96,7 @@ def build_neighbor_map(coords: torch.Tensor) -> torch.Tensor:
     coords = coords.to(torch.int32).contiguous()
     n = coords.shape[0]
     log2_slots = max(4, (2 * n - 1).bit_length())
-    table_keys = torch.full((1 << log2_slots,), EMPTY_KEY, dtype=torch.int64, device=coords.device)
+    table_keys = torch.full((1 << log2_slots,), EMPTY_KEY.value, dtype=torch.int64, device=coords.device)
     table_rows = torch.empty(1 << log2_slots, dtype=torch.int32, device=coords.device)
     out = torch.empty(n, 27, dtype=torch.int32, device=coords.device)
     _insert_kernel[(triton.cdiv(n, 256),)](coords, n, table_keys, table_rows, LOG2_SLOTS=log2_slots, BLOCK=256)

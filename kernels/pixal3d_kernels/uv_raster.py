@@ -121,6 +121,7 @@ def sample_voxel_field_reference(keys: torch.Tensor, values: torch.Tensor, resol
 if triton_importable():
     import triton
     import triton.language as tl
+    _INSIDE_EPS = tl.constexpr(INSIDE_EPS)      # kernels read module globals only as constexpr
 
     @triton.jit
     def _cover_kernel(tri_ptr, owner_ptr, size, BLOCK: tl.constexpr):
@@ -154,7 +155,7 @@ if triton_importable():
             w1 = (v2x * v1y - v1x * v2y) / den
             w2 = (v0x * v2y - v2x * v0y) / den
             w0 = 1 - w1 - w2
-            inside = live & (w0 >= -INSIDE_EPS) & (w1 >= -INSIDE_EPS) & (w2 >= -INSIDE_EPS)
+            inside = live & (w0 >= -_INSIDE_EPS) & (w1 >= -_INSIDE_EPS) & (w2 >= -_INSIDE_EPS)
             texel = y.to(tl.int64) * size + x
             tl.atomic_max(owner_ptr + texel, t + local * 0, mask=inside)
             start += BLOCK
@@ -225,8 +226,8 @@ if triton_importable():
         z0_in = (iz >= 0) & (iz < resolution)
         z1_in = (iz + 1 >= 0) & (iz + 1 < resolution)
         for corner in tl.static_range(4):
-            dx: tl.constexpr = corner & 1
-            dy: tl.constexpr = corner >> 1
+            dx = corner & 1
+            dy = corner >> 1
             x, y = ix + dx, iy + dy
             column_in = live & (x >= 0) & (x < resolution) & (y >= 0) & (y < resolution)
             query = (x * resolution + y) * resolution + iz
