@@ -110,11 +110,13 @@ def export_asset(mesh_vertices, mesh_faces, voxel_coords, voxel_attrs, resolutio
         timings[name] = now - clock
         clock = now
 
-    ref_v = torch.as_tensor(np.asarray(mesh_vertices), dtype=torch.float32, device=dev)
-    ref_f = torch.as_tensor(np.asarray(mesh_faces), dtype=torch.long, device=dev)
+    def on_device(a, dtype=None) -> torch.Tensor:     # arrays or tensors on any device (a GPU pipeline's output)
+        return (a if isinstance(a, torch.Tensor) else torch.as_tensor(np.asarray(a))).to(dev, dtype)
+
+    ref_v = on_device(mesh_vertices, torch.float32)
+    ref_f = on_device(mesh_faces, torch.long)
     ref_v, ref_f = fill_small_holes(ref_v, ref_f)
-    field_ = SparseVoxelField(torch.as_tensor(np.asarray(voxel_coords), device=dev),
-                              torch.as_tensor(np.asarray(voxel_attrs), device=dev), resolution)
+    field_ = SparseVoxelField(on_device(voxel_coords), on_device(voxel_attrs), resolution)
     reference = None
     if options.normal_map:
         h = 1.0 / resolution
