@@ -94,7 +94,12 @@ def read_json(path: Path) -> dict:
 
 def load_state_dict_strict(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
     """Copies `tensors` into `model`, casting each to the dtype of its destination; fails on any key or shape
-    difference with a message that lists the keys."""
+    difference with a message that lists the keys. A submodule with a `checkpoint_keys(tensors, prefix)` method
+    first renames what a library version moved (DINOv3's blocks in transformers 5)."""
+    tensors = dict(tensors)
+    for name, module in model.named_modules():
+        if hasattr(module, "checkpoint_keys"):
+            module.checkpoint_keys(tensors, f"{name}." if name else "")
     own = model.state_dict()
     missing = sorted(set(own) - set(tensors))
     unexpected = sorted(set(tensors) - set(own))

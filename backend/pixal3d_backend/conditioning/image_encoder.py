@@ -80,14 +80,18 @@ class DinoV3ProjFeatureExtractor(torch.nn.Module):
         """The transformer blocks: `model.layer` in transformers 4.x, `model.model.layer` in 5.x."""
         return self.model.layer if hasattr(self.model, "layer") else self.model.model.layer
 
-    def _official_layer_keys(self, state_dict, prefix, *args):
-        """Official checkpoints and fixtures name the blocks `model.layer.*` (transformers 4.x); map them onto
-        the 5.x module tree when that is what is installed."""
+    def checkpoint_keys(self, state_dict: dict, prefix: str = "") -> None:
+        """Checkpoints (official ones, fixtures, our default model) name the blocks `model.layer.*`
+        (transformers 4.x); renames them in place onto the 5.x module tree when that is what is installed.
+        `loading.load_state_dict_strict` calls it before comparing keys; `load_state_dict` through a hook."""
         if hasattr(self.model, "layer"):
             return
         old = prefix + "model.layer."
         for key in [k for k in state_dict if k.startswith(old)]:
             state_dict[prefix + "model.model.layer." + key[len(old):]] = state_dict.pop(key)
+
+    def _official_layer_keys(self, state_dict, prefix, *args):
+        self.checkpoint_keys(state_dict, prefix)
 
     # -----------------------------------------------------------------------------------------------------
     # encoding
