@@ -40,7 +40,6 @@ def orbit_views(views: int, image_size: int, device: torch.device):
 
 def main(argv: list[str] | None = None) -> None:
     p = benchmark.parser(__doc__.split("\n\n")[0])
-    p.add_argument("--dtype", default="float32", choices=["float16", "bfloat16", "float32"])
     args = p.parse_args(argv)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     run_triton = device.type == "cuda" or interpreting()

@@ -59,8 +59,7 @@ def spconv_runner(coords: torch.Tensor, feats: torch.Tensor, weight: torch.Tenso
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = benchmark.parser(__doc__.split("\n\n")[0])
-    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    p = benchmark.parser(__doc__.split("\n\n")[0], default_dtype="float16")
     args = p.parse_args(argv)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     run_triton = device.type == "cuda" or interpreting()

@@ -38,11 +38,12 @@ def hardware(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
 
 
-def parser(description: str) -> argparse.ArgumentParser:
+def parser(description: str, default_dtype: str = "float32") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", help="append the rows to this JSON file")
     p.add_argument("--quick", action="store_true", help="small sizes (CPU smoke run)")
+    p.add_argument("--dtype", default=default_dtype, choices=["float16", "bfloat16", "float32"])
     return p
 
 

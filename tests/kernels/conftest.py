@@ -6,6 +6,8 @@ Until the venv has a Triton with that fix, the interpreter's `__index__` gets th
 """
 import os
 
+import pytest
+
 if os.environ.get("TRITON_INTERPRET") == "1":
     try:
         from triton.runtime import interpreter as _interpreter
@@ -20,3 +22,10 @@ if os.environ.get("TRITON_INTERPRET") == "1":
             scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
 
         _interpreter._patch_lang_tensor = _patch_lang_tensor_with_scalar_index
+
+
+@pytest.fixture
+def triton_kernels(monkeypatch):
+    """Forces the Triton kernels (compiled on a GPU, interpreted on CPU) in place of the references."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("PIXAL3D_KERNELS", "triton")

@@ -15,10 +15,7 @@ CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 
 
-@pytest.fixture(autouse=True)
-def triton_kernels(monkeypatch):
-    pytest.importorskip("triton")
-    monkeypatch.setenv("PIXAL3D_KERNELS", "triton")
+pytestmark = pytest.mark.usefixtures("triton_kernels")
 
 
 def inputs(batch, cells, repeat, heads, d, dv, dtype, seed=0):

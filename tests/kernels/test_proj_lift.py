@@ -11,12 +11,6 @@ from pixal3d_kernels import proj_lift
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.fixture
-def triton_kernels(monkeypatch):
-    pytest.importorskip("triton")
-    monkeypatch.setenv("PIXAL3D_KERNELS", "triton")
-
-
 def look_at_origin_w2c(azimuth: float, elevation: float, distance: float) -> torch.Tensor:
     """World-to-camera of a camera on a sphere around the origin looking at it (camera looks along -z, +y up)."""
     eye = distance * torch.tensor([math.cos(elevation) * math.sin(azimuth), -math.cos(elevation) * math.cos(azimuth),

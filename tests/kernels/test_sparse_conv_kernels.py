@@ -14,10 +14,7 @@ CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 
 
-@pytest.fixture(autouse=True)
-def triton_kernels(monkeypatch):
-    pytest.importorskip("triton")
-    monkeypatch.setenv("PIXAL3D_KERNELS", "triton")
+pytestmark = pytest.mark.usefixtures("triton_kernels")
 
 
 def random_coords(batch=2, res=8, density=0.3, seed=0, shuffle=True):

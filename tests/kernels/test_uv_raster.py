@@ -11,12 +11,6 @@ from pixal3d_kernels import uv_raster
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.fixture
-def triton_kernels(monkeypatch):
-    pytest.importorskip("triton")
-    monkeypatch.setenv("PIXAL3D_KERNELS", "triton")
-
-
 def random_layout(seed: int, cells: int = 5, extra: int = 12):
     """A jittered grid of charts (triangles sharing edges, gaps between charts) plus stray triangles: overlapping,
     degenerate, sliver and partly outside [0, 1]."""
