@@ -77,19 +77,32 @@ def read_log(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def training_phases(log: list[dict]) -> list[list[dict]]:
+    """The log split into phases: a phase starts at every start that does not resume (a fresh stage, or a
+    fine-tune from earlier weights with `--init`), and its step counter restarts at 0."""
+    phases: list[list[dict]] = []
+    for record in log:
+        if record.get("event") == "start" and not record.get("resumed") or not phases:
+            phases.append([])
+        phases[-1].append(record)
+    return phases
+
+
 def stage_summary(run: Path, stage: str) -> dict:
-    """Steps, train time, pool size, hardware and the mean of the last logged losses of one stage."""
-    log = read_log(run / stage / "log.jsonl")
-    starts = [r for r in log if r.get("event") == "start"]
-    pools = [r for r in log if r.get("event") == "pool"]
-    steps = [r for r in log if "event" not in r]
-    if not steps:
-        raise ValueError(f"{run / stage / 'log.jsonl'} has no logged training steps")
-    tail = steps[-4:]
+    """Steps, train time and pool size (summed over the training phases), hardware and the mean of the last
+    logged losses of one stage."""
+    phases = training_phases(read_log(run / stage / "log.jsonl"))
+    steps = [[r for r in phase if "event" not in r] for phase in phases]
+    if not all(steps):
+        raise ValueError(f"{run / stage / 'log.jsonl'} has a training phase without logged steps")
+    starts = [r for phase in phases for r in phase if r.get("event") == "start"]
+    pools = [[r for r in phase if r.get("event") == "pool"][-1]["views"] for phase in phases]
+    tail = steps[-1][-4:]
     losses = {k: sum(r[k] for r in tail) / len(tail) for k in tail[-1]
               if k not in ("stage", "step", "seconds", "lr", "grad_norm")}
-    return {"steps": steps[-1]["step"], "seconds": steps[-1]["seconds"], "views_per_step": starts[-1]["views_per_step"],
-            "pool_views": pools[-1]["views"], "device": starts[-1]["device"], "torch": starts[-1]["torch"],
+    return {"steps": sum(s[-1]["step"] for s in steps), "seconds": sum(s[-1]["seconds"] for s in steps),
+            "views_per_step": starts[-1]["views_per_step"], "pool_views": " + ".join(map(str, pools)),
+            "device": starts[-1]["device"], "torch": starts[-1]["torch"], "phases": len(phases),
             "invocations": len(starts), "final_losses": losses}
 
 
@@ -115,12 +128,16 @@ def model_card(run: Path, evaluation: dict, models: dict[str, dict], sizes: dict
         "are disjoint), each rendered from 2 random views (FOV 10-70 degrees) with PBR shading, the object posed "
         "in the camera frame as in the official training data. Targets: flexible-dual-grid voxels at "
         f"{resolution}^3 and PBR voxel attributes; the sparse structure is their 64^3 occupancy.", "",
+        "Phases: a stage's later phase starts from the weights of the earlier one (`train.py --init`) with a new "
+        "optimiser. The flows' first phase saw whole renders at their own FOV; their second phase sees crop views "
+        "(`data.views.crop_view`): the crop of 1.1x the object's box at the crop's FOV and the 'object fills the "
+        "frame' distance, which is the camera relation inference builds from an image.", "",
         "## Training", "",
         f"Hardware: {', '.join(hardware)}. AdamW, bf16 autocast, EMA 0.999; each stage trains on a pool of "
         "generated views.", "",
-        "| stage | steps | views/step | pool views | train s | invocations | final losses (mean of last logs) |",
-        "|---|---:|---:|---:|---:|---:|---|",
-        *[f"| {s} | {v['steps']} | {v['views_per_step']} | {v['pool_views']} | {v['seconds']:.0f} | "
+        "| stage | phases | steps | views/step | pool views | train s | invocations | final losses (mean of last logs) |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
+        *[f"| {s} | {v['phases']} | {v['steps']} | {v['views_per_step']} | {v['pool_views']} | {v['seconds']:.0f} | "
           f"{v['invocations']} | " + ", ".join(f"{k} {x:.4g}" for k, x in v["final_losses"].items()) + " |"
           for s, v in summaries.items()], "",
         "## Evaluation", "",
