@@ -5,6 +5,7 @@ import math
 import numpy as np
 
 from blender_helpers import enable_addon
+from camera_rigs import look_at_c2w
 
 bpy, addon = enable_addon()
 camera = addon.shared.camera
@@ -12,17 +13,6 @@ check_rig = addon.rigcheck.check_rig
 
 WIDTH, HEIGHT = 120, 90
 RADIUS = 0.5
-
-
-def look_at_c2w(position, target=(0.0, 0.0, 0.0)) -> np.ndarray:
-    position, target = np.asarray(position, float), np.asarray(target, float)
-    back = (position - target) / np.linalg.norm(position - target)
-    right = np.cross([0.0, 0.0, 1.0], back)
-    right /= np.linalg.norm(right)
-    c2w = np.eye(4)
-    c2w[:3, :3] = np.stack([right, np.cross(back, right), back], axis=1)
-    c2w[:3, 3] = position
-    return c2w
 
 
 def ball_mask(intrinsics, c2w, centre=(0.0, 0.0, 0.0)) -> np.ndarray:

@@ -10,22 +10,10 @@ import torch
 from pixal3d_backend.camera import CropCamera, Intrinsics, MultiViewRig, ViewCamera, rebase_view
 from pixal3d_backend.conditioning.proj_grid import (camera_to_world, dense_grid_coords, lift_features_multiview,
                                                     project_voxels)
+from camera_rigs import look_at_c2w
 
 S = 512          # conditioning image side
 R = 9            # voxel grid: coords map to model points linspace(-1, 1, R) / 2
-
-
-def look_at_c2w(position, target=(0.0, 0.0, 0.0)) -> np.ndarray:
-    """Blender camera-to-world at `position` looking at `target`, world +Z up."""
-    position, target = np.asarray(position, float), np.asarray(target, float)
-    back = position - target
-    back /= np.linalg.norm(back)
-    right = np.cross([0.0, 0.0, 1.0], back)
-    right /= np.linalg.norm(right)
-    c2w = np.eye(4)
-    c2w[:3, :3] = np.stack([right, np.cross(back, right), back], axis=1)
-    c2w[:3, 3] = position
-    return c2w
 
 
 def pixel(source: Intrinsics, c2w: np.ndarray, world: np.ndarray) -> np.ndarray:
