@@ -158,3 +158,30 @@ def test_cameras_from_one_direction_are_refused_in_plain_words():
                 640, 480, 0.6, views[0].crop_centre, views[0].crop_size, (0.05, 0.0))
     with pytest.raises(ValueError, match="same direction"):
         rig_of([views[0], twin])
+
+
+def test_visual_hull_carving_keeps_the_object_and_removes_what_no_view_sees():
+    """'hull' fusion (single-view weights): sparse-structure tokens outside any view's silhouette go, every token
+    of the object stays (the silhouettes are dilated by a token)."""
+    from pixal3d_backend.pipeline import SS_RESOLUTION, carve_visual_hull
+    centre, radius, size = np.array([0.3, -0.2, 0.5]), 0.5, 64
+    views = object_centred_views(tuple(centre), radius)
+    rig = rig_of(views)
+    rng = np.random.default_rng(0)
+    ball = rng.normal(size=(200_000, 3))
+    ball = centre + radius * ball / np.linalg.norm(ball, axis=1, keepdims=True) * rng.random((len(ball), 1)) ** (1 / 3)
+    masks = torch.zeros(len(views), 1, size, size)
+    for v, view in enumerate(views):
+        px = np.floor(view.crop_pixel(ball) * size / S).astype(int)
+        ok = ((px >= 0) & (px < size)).all(1)
+        masks[v, 0, px[ok, 1], px[ok, 0]] = 1.0
+    r = SS_RESOLUTION
+    grid = torch.stack(torch.meshgrid(*[torch.arange(r)] * 3, indexing="ij"), -1).reshape(-1, 3)
+    coords = torch.cat([torch.zeros(len(grid), 1, dtype=torch.int32), grid.int()], 1)
+    kept = carve_visual_hull(coords, masks, rig.grid_cameras())
+    world = lambda c: model_to_world(rig, np.linspace(-1.0, 1.0, r)[c[:, 1:].numpy()] / 2)
+    distance = lambda c: np.linalg.norm(world(c) - centre, axis=1)
+    assert set(map(tuple, coords[distance(coords) < radius].tolist())) <= set(map(tuple, kept.tolist()))
+    token = np.linalg.norm(world(coords[:1] + torch.tensor([[0, 1, 0, 0]], dtype=torch.int32)) - world(coords[:1]))
+    assert distance(kept).max() < 1.5 * radius + 2 * token      # the hull of four views of a ball, plus dilation
+    assert len(kept) < 0.6 * len(coords)          # the ball fills ~40 % of the model cube (its crop is 1.1x it)

@@ -22,11 +22,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 
 from .conditioning.image_encoder import DinoV3ProjFeatureExtractor
-from .conditioning.preprocess import preprocess_image
+from .conditioning.preprocess import preprocess_alpha, preprocess_image
+from .conditioning.proj_grid import camera_to_world, lift_features_multiview
 from .camera import ViewCamera
 from .mesh import VoxelMesh
 from .models.ss_decoder import occupancy_to_coords
@@ -51,7 +53,12 @@ SS_RESOLUTION = 32          # occupancy grid of the sparse structure (hard-coded
 LR_GRID = 512               # resolution of the coords after the decoder's x4 upsampling of the 32^3 LR latent
 MAX_NUM_TOKENS = 49152      # official token cap of the HR stage
 TWO_STAGE_RESOLUTIONS = (1024, 1536)
-FUSIONS = ("mean", "visible")   # how several views' lifted features are fused per voxel
+# How several views condition the cascade: "mean" / "visible" fuse their lifted features per voxel (the official
+# multi-view release, for weights fine-tuned on it); "hull" conditions every stage on view 0 alone, as single-view
+# weights were trained, and removes the sparse-structure tokens outside any view's silhouette (visual-hull carving
+# with the exact cameras).
+FUSIONS = ("mean", "visible", "hull")
+HULL_MASK_SIZE = 256            # silhouettes are resampled to this side before carving
 
 
 @dataclass
@@ -86,6 +93,7 @@ class RunContext:
     trace: dict = field(default_factory=dict)
     features: dict = field(default_factory=dict)
     fusion: str = "mean"
+    silhouettes: torch.Tensor | None = None     # [V, 1, S, S] crop alphas in [0, 1], for "hull"
 
 
 @dataclass
@@ -96,6 +104,24 @@ class PipelineOutput:
     resolution: int                      # 16 * G, the decoded voxel resolution
     timings: dict[str, float] = field(default_factory=dict)
     tokens: dict[str, int] = field(default_factory=dict)
+
+
+def carve_visual_hull(coords: torch.Tensor, silhouettes: torch.Tensor, cameras: Sequence[ViewCamera]
+                      ) -> torch.Tensor:
+    """Sparse-structure tokens `coords` [N, 4] kept when their centre falls inside every view's silhouette
+    (`silhouettes` [V, 1, S, S] crop alphas, `cameras` re-based onto view 0), each dilated by a token's width in the
+    crop (a token spans about 1/32 of it at mid-depth) so carving never cuts into the object. If nothing would be
+    left (cameras that disagree), the tokens are kept as they were."""
+    size = silhouettes.shape[-1]
+    radius = max(1, round(size / SS_RESOLUTION))
+    dilated = torch.nn.functional.max_pool2d(silhouettes, 2 * radius + 1, stride=1, padding=radius)
+    c2ws = np.stack([camera_to_world(c) for c in cameras])
+    inside = torch.ones(coords.shape[0], dtype=torch.bool, device=coords.device)
+    for v, cam in enumerate(cameras):
+        seen = lift_features_multiview(dilated[v:v + 1], coords[:, 1:], SS_RESOLUTION, size, [cam.fov],
+                                       c2ws[v:v + 1], [cam.mesh_scale])
+        inside &= seen[:, 0].to(coords.device) > 0.5
+    return coords[inside] if inside.any() else coords
 
 
 def coords_grid(resolution: int) -> int:
@@ -190,9 +216,10 @@ class Pixal3DPipeline:
         voxel (`run.fusion`: the plain mean, or the mean over the views that see the voxel) and their global tokens
         averaged. One view takes the single-view path unchanged."""
         enc = self.encoders[key]
+        single = len(run.cameras) == 1 or run.fusion == "hull"
         with self._on_device(enc):
-            encoded = enc.encode(run.images, run.features)
-            if len(run.cameras) == 1:
+            encoded = enc.encode(run.images[:1] if single else run.images, run.features)
+            if single:
                 lifted = enc.lift(encoded, coords[:, 1:], grid_resolution, run.cameras[0])
                 glob = encoded.global_tokens
             else:
@@ -241,6 +268,8 @@ class Pixal3DPipeline:
         with self._on_device(decoder):
             coords = occupancy_to_coords(decoder(z), SS_RESOLUTION)
         run.trace.update(ss_noise=noise, ss_samples=z, cond_ss_global=cond["global"], cond_ss_proj=cond["proj"])
+        if run.silhouettes is not None:
+            coords = carve_visual_hull(coords, run.silhouettes.to(self.device), run.cameras)
         return coords
 
     def sample_shape_lr(self, run: "RunContext", coords: torch.Tensor) -> SparseTensor:
@@ -288,7 +317,8 @@ class Pixal3DPipeline:
             progress: Callable[[str, int, int], None] | None = None, should_cancel: Callable[[], bool] | None = None,
             trace: dict | None = None) -> PipelineOutput:
         """`images` are RGBA with the object's alpha, one per camera (view 0 first; several views condition every
-        stage together, fused by `fusion`: "mean" or "visible", see `proj_grid.lift_features_multiview`). With
+        stage together, fused by `fusion`: "mean" or "visible", see `proj_grid.lift_features_multiview`, or
+        "hull": view 0's conditioning and the views' visual hull, see `FUSIONS`). With
         `preprocess` each is cropped as the official code does (the caller derives the cameras from the crops:
         `conditioning.preprocess.crop_geometry`, `camera.CropCamera` and, for several views, `camera.MultiViewRig`).
         The flows are the multi-view ones (`multiview_models`) when there are several views and they are loaded."""
@@ -305,10 +335,18 @@ class Pixal3DPipeline:
         if unknown:
             raise ValueError(f"unknown sampler stages {sorted(unknown)}; stages are {sorted(self.sampler_settings)}")
         trace = {} if trace is None else trace
+        silhouettes = None
+        if fusion == "hull" and len(images) > 1:
+            if not preprocess:
+                raise ValueError("fusion 'hull' needs the RGBA views (preprocess=True) for their silhouettes")
+            size = (HULL_MASK_SIZE, HULL_MASK_SIZE)
+            silhouettes = torch.stack([torch.from_numpy(np.asarray(
+                preprocess_alpha(image).resize(size, Image.Resampling.BILINEAR), dtype=np.float32) / 255)
+                for image in images])[:, None]
         if preprocess:
             images = [preprocess_image(image) for image in images]
         run = RunContext(images, cameras, torch.Generator().manual_seed(int(seed)), overrides, progress,
-                         should_cancel, trace, fusion=fusion)
+                         should_cancel, trace, fusion=fusion, silhouettes=silhouettes)
         timings: dict[str, float] = {}
 
         def timed(name, fn, *args):

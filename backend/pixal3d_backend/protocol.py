@@ -473,8 +473,9 @@ class Options:
     low_vram: bool = _option(False, doc="keep models on the CPU between stages (slower, about half the VRAM)")
     visibility_weighted: bool = _option(False, added=True,
                                         doc="several views: average each voxel's features only over the views "
-                                            "that see it inside their frame (default: over all views, as the "
-                                            "official multi-view release does)")
+                                            "that see it inside their frame (default: multi-view weights average "
+                                            "over all views, as the official multi-view release does; single-view "
+                                            "weights take view 0's features inside the views' visual hull)")
 
     def _to_wire(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)

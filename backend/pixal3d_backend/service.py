@@ -98,12 +98,13 @@ class Generator:
             image.load()
             images.append(image)
         rig = self.rig(request.views, images)
+        fusion = self.view_fusion(options)
         t0 = time.perf_counter()
         try:
             out = self.model.pipeline.run(
                 images, rig.grid_cameras(), seed=options.seed, resolution=options.resolution,
                 sampler_overrides=sampler_overrides(options),
-                fusion="visible" if options.visibility_weighted else "mean",
+                fusion=fusion,
                 progress=on_progress, should_cancel=should_cancel)
             on_progress("export", 0, 1)
             mesh = orient_outward(out.mesh)        # the official mesher's winding is per axis, not per side
@@ -123,9 +124,18 @@ class Generator:
                                   **{f"export_{k}": round(v, 3) for k, v in asset.timings.items()},
                                   "total": round(time.perf_counter() - t0, 3)}}
         if len(request.views) > 1:
-            metadata["view_fusion"] = "visible" if options.visibility_weighted else "mean"
+            metadata["view_fusion"] = fusion
             metadata["multiview_weights"] = self.model.pipeline.multiview_weights
         return Generation(asset, rig, metadata)
+
+    def view_fusion(self, options: Options) -> str:
+        """How several views condition the cascade (`pipeline.FUSIONS`): the official feature mean for multi-view
+        weights (or the visibility-weighted mean when asked); single-view weights (the bundled model, the official
+        single-view release) get view 0's conditioning carved by the views' visual hull: the feature mean is
+        outside what they were trained on and gives broken shapes (measured, BENCHMARKS.md)."""
+        if options.visibility_weighted:
+            return "visible"
+        return "mean" if self.model.pipeline.multiview_weights else "hull"
 
     def generate(self, request: SubmitRequest, on_progress, should_cancel) -> Result:
         return self.run(request, on_progress, should_cancel).to_result()

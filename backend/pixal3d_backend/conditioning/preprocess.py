@@ -84,6 +84,12 @@ def crop_geometry(image: Image.Image) -> CropGeometry:
     return CropGeometry(source_size=image.size, working_size=rgba.size, box=_crop_box(rgba))
 
 
+def preprocess_alpha(image: Image.Image) -> Image.Image:
+    """The object's alpha in the crop `preprocess_image` makes (mode "L", same size): its silhouette in that view."""
+    rgba = _working_image(image)
+    return rgba.crop(_crop_box(rgba)).getchannel("A")
+
+
 def preprocess_image(image: Image.Image) -> Image.Image:
     """RGBA image -> square RGB crop of the object on black (official `preprocess_image`, spec §1.3)."""
     rgba = _working_image(image)
