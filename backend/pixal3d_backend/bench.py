@@ -12,8 +12,10 @@ memory) and writes JSON.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import os
 import platform
 import time
 from pathlib import Path
@@ -194,12 +196,42 @@ def print_table(result: dict, ceiling: float) -> None:
     print(f"{'total':<18}{result['total_seconds']:>8.2f}{'':>31}{result['peak_gib']:>10.2f}")
 
 
+@contextlib.contextmanager
+def plain_pytorch():
+    """Our plain-PyTorch paths for everything that has a kernel (`pixal3d_kernels` references, torch sparse conv)."""
+    saved = {k: os.environ.get(k) for k in ("PIXAL3D_KERNELS", "PIXAL3D_SPARSE_CONV")}
+    os.environ.update(PIXAL3D_KERNELS="torch", PIXAL3D_SPARSE_CONV="torch")
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def print_speedups(result: dict) -> None:
+    reference = {r["stage"]: r for r in result["reference"]["rows"]}
+    print(f"{'stage':<18}{'plain s':>9}{'kernels s':>11}{'speed-up':>10}{'plain peak GiB':>16}")
+    for r in result["rows"]:
+        ref = reference[r["stage"]]
+        print(f"{r['stage']:<18}{ref['seconds']:>9.2f}{r['seconds']:>11.2f}{ref['seconds'] / r['seconds']:>9.2f}x"
+              f"{ref['peak_gib']:>16.2f}")
+    ref_total = result["reference"]["total_seconds"]
+    print(f"{'total':<18}{ref_total:>9.2f}{result['total_seconds']:>11.2f}{ref_total / result['total_seconds']:>9.2f}x"
+          f"{result['reference']['peak_gib']:>16.2f}")
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="pixal3d bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--resolution", type=int, nargs="+", default=[1024, 1536])
     p.add_argument("--seed", type=int, default=0, help="procedural object seed")
     p.add_argument("--low-vram", action="store_true")
     p.add_argument("--json", type=Path, help="write the results here")
+    p.add_argument("--reference", action="store_true",
+                   help="also run each resolution with our plain-PyTorch paths (no Triton kernels, torch sparse "
+                        "conv) in this process, and print the speed-up of each stage side by side")
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("pixal3d bench needs a CUDA GPU")
@@ -212,6 +244,11 @@ def main(argv: list[str]) -> int:
         run_bench(res, device, a.seed, a.low_vram, pipe)           # warm-up (kernels, allocator, caches)
         result = run_bench(res, device, a.seed, a.low_vram, pipe)
         print_table(result, ceiling)
+        if a.reference:
+            with plain_pytorch():
+                run_bench(res, device, a.seed, a.low_vram, pipe)
+                result["reference"] = run_bench(res, device, a.seed, a.low_vram, pipe)
+            print_speedups(result)
         results.append(result)
     if a.json:
         a.json.write_text(json.dumps({"device": torch.cuda.get_device_name(device), "torch": torch.__version__,
