@@ -154,6 +154,9 @@ def test_export_default_writes_a_strictly_loadable_snapshot(pool, tmp_path, monk
     run = tmp_path / "run"
     for stage in configs.STAGES:
         train.Trainer(stage, run, "cpu", overrides=TINY, log_every=1).run(minutes=5, resume=False, max_steps=2)
+    # a fine-tune from the run's own weights is a second phase: the card sums its steps
+    train.Trainer("shape_flow", run, "cpu", overrides=TINY, log_every=1).run(minutes=5, resume=False, max_steps=2,
+                                                                             init=run)
     evaluation = {"command": "pixal3d eval --objects 2", "metrics": {"mask_iou": 0.5}}
     out = export_default.export(run, evaluation, tmp_path / "snapshot")
     snapshot = Snapshot.open(out)
@@ -161,4 +164,4 @@ def test_export_default_writes_a_strictly_loadable_snapshot(pool, tmp_path, monk
     for key in export_default.CKPT_NAMES:
         snapshot.load(key)                                   # strict: every key, every shape
     card = (out / "MODEL_CARD.md").read_text()
-    assert "mask_iou | 0.5" in card and "| shape_flow | 2 |" in card
+    assert "mask_iou | 0.5" in card and "| shape_flow | 2 | 4 |" in card and "| tex_flow | 1 | 2 |" in card
