@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from . import benchmark, interpreting
+from . import benchmark
 from .neighborhood_attention import neighborhood_attention_2d_reference, repeat_cells
 
 # (cells, output size, heads, query dim, value dim per head)
@@ -18,10 +18,7 @@ QUICK_CASES = [(9, 18, 2, 16, 16)]
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = benchmark.parser(__doc__.split("\n\n")[0])
-    args = p.parse_args(argv)
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    run_triton = device.type == "cuda" or interpreting()
+    args, device, dtype, run_triton = benchmark.parse_args(__doc__.split("\n\n")[0], argv)
     rows = []
     g = torch.Generator().manual_seed(0)
     for cells, size, heads, d, dv in QUICK_CASES if args.quick else NAF_CASES:

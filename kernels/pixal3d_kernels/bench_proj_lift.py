@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from . import benchmark, interpreting
+from . import benchmark
 from .proj_lift import lift, lift_reference
 
 # (name, voxels, views, map side, channels, layout, image size)
@@ -39,10 +39,7 @@ def orbit_views(views: int, image_size: int, device: torch.device):
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = benchmark.parser(__doc__.split("\n\n")[0])
-    args = p.parse_args(argv)
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    run_triton = device.type == "cuda" or interpreting()
+    args, device, dtype, run_triton = benchmark.parse_args(__doc__.split("\n\n")[0], argv)
     rows = []
     g = torch.Generator().manual_seed(0)
     for name, voxels, views, side, channels, layout, image_size in QUICK_CASES if args.quick else CASES:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from . import benchmark, interpreting
+from . import benchmark
 from .sparse_conv import build_neighbor_map_reference, submanifold_conv3d_reference
 
 # (level, in channels, out channels) of the 1024 shape decoder's convs: model_channels 1024, 512, 256, 128, 64
@@ -59,10 +59,8 @@ def spconv_runner(coords: torch.Tensor, feats: torch.Tensor, weight: torch.Tenso
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = benchmark.parser(__doc__.split("\n\n")[0], default_dtype="float16")
-    args = p.parse_args(argv)
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    run_triton = device.type == "cuda" or interpreting()
+    args, device, dtype, run_triton = benchmark.parse_args(__doc__.split("\n\n")[0], argv,
+                                                           default_dtype="float16")
     quick = args.quick
     levels = shell_levels(8 if quick else 64, 3 if quick else 5, device)
     repeats = dict(warmup=1, repeats=3) if quick or device.type != "cuda" else dict(warmup=2, repeats=7)

@@ -14,6 +14,8 @@ from typing import Callable
 
 import torch
 
+from . import interpreting
+
 
 def time_ms(fn: Callable[[], object], device: torch.device, warmup: int = 3, repeats: int = 10) -> float:
     for _ in range(warmup):
@@ -45,6 +47,14 @@ def parser(description: str, default_dtype: str = "float32") -> argparse.Argumen
     p.add_argument("--quick", action="store_true", help="small sizes (CPU smoke run)")
     p.add_argument("--dtype", default=default_dtype, choices=["float16", "bfloat16", "float32"])
     return p
+
+
+def parse_args(description: str, argv: list[str] | None, default_dtype: str = "float32"
+               ) -> tuple[argparse.Namespace, torch.device, torch.dtype, bool]:
+    """(args, device, dtype, whether the Triton kernels run: on a GPU, or on CPU through the interpreter)."""
+    args = parser(description, default_dtype).parse_args(argv)
+    device = torch.device(args.device)
+    return args, device, getattr(torch, args.dtype), device.type == "cuda" or interpreting()
 
 
 def report(rows: list[dict], device: torch.device, json_path: str | None) -> None:
