@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from .conditioning.image_encoder import DinoV3ProjFeatureExtractor
-from .conditioning.preprocess import preprocess_alpha, preprocess_image
+from .conditioning.preprocess import object_crop, on_black
 from .conditioning.proj_grid import camera_to_world, lift_features_multiview
 from .camera import ViewCamera
 from .mesh import VoxelMesh
@@ -214,7 +214,8 @@ class Pixal3DPipeline:
 
         Several views (official multi-view, spec §3.2) are encoded as one batch; their lifted features are fused per
         voxel (`run.fusion`: the plain mean, or the mean over the views that see the voxel) and their global tokens
-        averaged. One view takes the single-view path unchanged."""
+        averaged. One view, and "hull" fusion (view 0 conditions, the others only carve), take the single-view path
+        unchanged."""
         enc = self.encoders[key]
         single = len(run.cameras) == 1 or run.fusion == "hull"
         with self._on_device(enc):
@@ -336,15 +337,16 @@ class Pixal3DPipeline:
             raise ValueError(f"unknown sampler stages {sorted(unknown)}; stages are {sorted(self.sampler_settings)}")
         trace = {} if trace is None else trace
         silhouettes = None
-        if fusion == "hull" and len(images) > 1:
-            if not preprocess:
-                raise ValueError("fusion 'hull' needs the RGBA views (preprocess=True) for their silhouettes")
-            size = (HULL_MASK_SIZE, HULL_MASK_SIZE)
-            silhouettes = torch.stack([torch.from_numpy(np.asarray(
-                preprocess_alpha(image).resize(size, Image.Resampling.BILINEAR), dtype=np.float32) / 255)
-                for image in images])[:, None]
+        if fusion == "hull" and len(images) > 1 and not preprocess:
+            raise ValueError("fusion 'hull' needs the RGBA views (preprocess=True) for their silhouettes")
         if preprocess:
-            images = [preprocess_image(image) for image in images]
+            crops = [object_crop(image) for image in images]
+            if fusion == "hull" and len(images) > 1:
+                size = (HULL_MASK_SIZE, HULL_MASK_SIZE)
+                silhouettes = torch.stack([torch.from_numpy(np.asarray(
+                    crop.getchannel("A").resize(size, Image.Resampling.BILINEAR), dtype=np.float32) / 255)
+                    for crop in crops])[:, None]
+            images = [on_black(crop) for crop in crops]
         run = RunContext(images, cameras, torch.Generator().manual_seed(int(seed)), overrides, progress,
                          should_cancel, trace, fusion=fusion, silhouettes=silhouettes)
         timings: dict[str, float] = {}

@@ -84,16 +84,20 @@ def crop_geometry(image: Image.Image) -> CropGeometry:
     return CropGeometry(source_size=image.size, working_size=rgba.size, box=_crop_box(rgba))
 
 
-def preprocess_alpha(image: Image.Image) -> Image.Image:
-    """The object's alpha in the crop `preprocess_image` makes (mode "L", same size): its silhouette in that view."""
+def object_crop(image: Image.Image) -> Image.Image:
+    """The square RGBA crop around the object that `preprocess_image` composites (its alpha is the object's
+    silhouette in that view)."""
     rgba = _working_image(image)
-    return rgba.crop(_crop_box(rgba)).getchannel("A")
+    return rgba.crop(_crop_box(rgba))
+
+
+def on_black(crop: Image.Image) -> Image.Image:
+    """An RGBA crop composited onto black: rgb * alpha, truncated back to uint8 as the official code does."""
+    rgba = np.asarray(crop).astype(np.float32) / 255
+    rgb = np.clip(rgba[:, :, :3] * rgba[:, :, 3:4], 0.0, 1.0)
+    return Image.fromarray((rgb * 255).astype(np.uint8), "RGB")
 
 
 def preprocess_image(image: Image.Image) -> Image.Image:
     """RGBA image -> square RGB crop of the object on black (official `preprocess_image`, spec §1.3)."""
-    rgba = _working_image(image)
-    crop = np.asarray(rgba.crop(_crop_box(rgba))).astype(np.float32) / 255
-    # Composite onto black: rgb * alpha, truncated back to uint8 as the official code does.
-    rgb = np.clip(crop[:, :, :3] * crop[:, :, 3:4], 0.0, 1.0)
-    return Image.fromarray((rgb * 255).astype(np.uint8), "RGB")
+    return on_black(object_crop(image))
