@@ -165,3 +165,19 @@ def test_export_default_writes_a_strictly_loadable_snapshot(pool, tmp_path, monk
         snapshot.load(key)                                   # strict: every key, every shape
     card = (out / "MODEL_CARD.md").read_text()
     assert "mask_iou | 0.5" in card and "| shape_flow | 2 | 4 |" in card and "| tex_flow | 1 | 2 |" in card
+
+
+def test_flow_pool_shards_load_back_in_shard_order_with_8_bit_images(pool, tmp_path):
+    """What flow_pool.py writes and `train.py --pool` reads: shards concatenated by shard number (not file name
+    order), sparse rows renumbered per view, images within half an 8-bit step."""
+    from pixal3d_backend.training.batches import Views
+    halves = [pool.select(torch.arange(0, 2)), pool.select(torch.arange(2, len(pool)))]
+    halves[0].save(tmp_path / "shard_2.pt")          # shard 2 sorts after shard 10 as text, before it as a number
+    halves[1].save(tmp_path / "shard_10.pt")
+    loaded = Views.load_shards(tmp_path)
+    assert len(loaded) == len(pool)
+    assert torch.equal(loaded.coords, pool.coords) and torch.equal(loaded.dense["cameras"], pool.dense["cameras"])
+    assert all(torch.equal(loaded.sparse[k], pool.sparse[k]) for k in pool.sparse)
+    assert (loaded.dense["images"] - pool.dense["images"]).abs().max() <= 0.5 / 255 + 1e-6
+    with pytest.raises(FileNotFoundError, match="flow_pool"):
+        Views.load_shards(tmp_path / "empty")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -73,6 +74,15 @@ class Views:
         if "images" in dense:
             dense["images"] = (dense["images"] * 255).round().to(torch.uint8)
         torch.save({"dense": dense, "coords": self.coords, "sparse": self.sparse}, path)
+
+    @staticmethod
+    def load_shards(folder: Path, device="cpu") -> "Views":
+        """Every `shard_<k>.pt` of a folder (`flow_pool.py` writes them), in shard order."""
+        shards = sorted(folder.glob("shard_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
+        if not shards:
+            raise FileNotFoundError(f"no shard_*.pt in {folder}; generate them with "
+                                    "python -m pixal3d_backend.training.flow_pool")
+        return Views.concat([Views.load(p, device) for p in shards])
 
     @staticmethod
     def load(path, device="cpu") -> "Views":

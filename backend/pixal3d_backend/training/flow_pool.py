@@ -39,14 +39,6 @@ def generate_shard(vae_run: Path, shard: int, shards: int, minutes: float, devic
     return Views.concat(parts), len(parts)
 
 
-def load_pool(folder: Path, device) -> Views:
-    """Every shard of a pool folder, in shard order."""
-    shards = sorted(folder.glob("shard_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
-    if not shards:
-        raise FileNotFoundError(f"no shard_*.pt in {folder}; generate them with python -m {__name__}")
-    return Views.concat([Views.load(p, device) for p in shards])
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--vae", type=Path, required=True, help="run folder holding ss_vae/, shape_vae/, tex_vae/")

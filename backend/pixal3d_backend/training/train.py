@@ -161,8 +161,7 @@ class Trainer:
     def build_pool(self, budget_seconds: float, max_batches: int) -> Views:
         t0 = time.monotonic()
         if self.pool_dir is not None:      # shared flow pool (flow_pool.py): already prepared for every flow
-            from .flow_pool import load_pool
-            pool = load_pool(self.pool_dir, self.device)
+            pool = Views.load_shards(self.pool_dir, self.device)
             self.log({"event": "pool", "views": len(pool), "from": str(self.pool_dir),
                       "seconds": round(time.monotonic() - t0, 1)})
             return pool
