@@ -237,7 +237,7 @@ class Pixal3DPipeline:
             return self.sampler.sample(
                 model, noise, cond=cond, neg_cond=neg, **params, **kwargs,
                 on_step=(lambda i, n: progress(stage, i, n)) if progress else None,
-                should_cancel=run.should_cancel).samples
+                should_cancel=run.should_cancel, batch_cfg=True).samples
 
     def _sample_tokens(self, tag: str, stage: str, flow_key: str, encoder_key: str, run: "RunContext",
                        coords: torch.Tensor, grid: int, concat: SparseTensor | None = None) -> SparseTensor:
