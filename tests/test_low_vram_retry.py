@@ -8,6 +8,8 @@ On a GPU, `tests/gpu/check_low_vram_retry.py` makes a real generation run out of
 """
 import time
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -74,3 +76,27 @@ def test_out_of_memory_retries_in_low_vram_mode_then_reports_a_second_one(tmp_pa
         assert client.status(job_id).state is JobState.FAILED
         started = time.monotonic()
         assert client.hello().model_id == "default" and time.monotonic() - started < 1.0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="low-VRAM mode moves weights between host and a CUDA GPU")
+def test_low_vram_mode_computes_the_resident_result_and_keeps_weights_pinned_on_the_host():
+    from PIL import Image
+
+    from pixal3d_backend.camera import ViewCamera
+    image = Image.open(__file__.rsplit("/tests/", 1)[0] + "/examples/mug.png")
+    camera = ViewCamera(fov=float(np.radians(30)), distance=2.0)
+    steps = {stage: {"steps": 2} for stage in ("sparse_structure", "shape", "texture")}
+
+    def generate(low_vram):
+        pipeline = load_model(device="cuda", low_vram=low_vram).pipeline
+        torch.cuda.reset_peak_memory_stats()
+        out = pipeline.run(image, camera, seed=3, resolution=256, sampler_overrides=steps)
+        return pipeline, out, torch.cuda.max_memory_allocated()
+
+    _, resident, resident_peak = generate(False)
+    pipeline, offloaded, offloaded_peak = generate(True)
+    torch.testing.assert_close(offloaded.mesh.vertices, resident.mesh.vertices)
+    torch.testing.assert_close(offloaded.mesh.attrs, resident.mesh.attrs)
+    weights = [t for m in pipeline._modules() for t in [*m.parameters(), *m.buffers()]]
+    assert all(t.device.type == "cpu" and t.is_pinned() for t in weights)
+    assert offloaded_peak < resident_peak

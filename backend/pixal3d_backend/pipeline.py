@@ -124,6 +124,12 @@ def carve_visual_hull(coords: torch.Tensor, silhouettes: torch.Tensor, cameras: 
     return coords[inside] if inside.any() else coords
 
 
+def _weights(module: torch.nn.Module):
+    """The parameters and buffers of a module (what moves between host and device)."""
+    yield from module.parameters()
+    yield from module.buffers()
+
+
 def coords_grid(resolution: int) -> int:
     """Latent grid of the HR stage at a decoded resolution (16x upsampling in the official decoders)."""
     return resolution // 16
@@ -166,9 +172,13 @@ class Pixal3DPipeline:
         self.shape_norm = shape_norm
         self.tex_norm = tex_norm
         self.device = torch.device(device)
-        self.low_vram = low_vram
-        if not low_vram:
-            for m in list(models.values()) + list(self.multiview_models.values()) + list(encoders.values()):
+        # CFG's two passes as one forward of a doubled batch (the official code runs two forwards; same numbers).
+        self.batch_cfg = True
+        self.low_vram = False
+        if low_vram:
+            self.enable_low_vram()
+        else:
+            for m in self._modules():
                 m.to(self.device)
 
     @property
@@ -190,21 +200,41 @@ class Pixal3DPipeline:
         return (SS_RESOLUTION * 2 ** self.models["shape_slat_decoder"].num_upsamplings,)
 
     # -- device placement ---------------------------------------------------------------------------------
+    def _modules(self) -> list[torch.nn.Module]:
+        return [*self.models.values(), *self.multiview_models.values(), *self.encoders.values()]
+
+    def enable_low_vram(self) -> None:
+        """From now on every model lives in host memory and visits the device only for its own stage. On a GPU the
+        host copies are pinned, so a stage's weights cross the bus in one DMA at full speed, and nothing is copied
+        back afterwards (weights never change): the device copy is simply dropped."""
+        self.low_vram = True
+        pin = self.device.type == "cuda"
+        for m in self._modules():
+            m.to("cpu")
+            for t in _weights(m):
+                if pin and not t.is_pinned():
+                    t.data = t.data.pin_memory()
+        if pin:
+            torch.cuda.empty_cache()
+
     @contextlib.contextmanager
     def _on_device(self, *modules: torch.nn.Module):
-        """In low-VRAM mode a model lives on the CPU and visits the GPU only for its stage."""
-        if not self.low_vram:
+        """In low-VRAM mode, the weights of `modules` are on the device inside this block and in host memory after."""
+        if not self.low_vram or self.device.type == "cpu":
             yield
             return
+        visiting = []                    # (tensor, its host copy); shared submodules are moved once
         for m in modules:
-            m.to(self.device)
+            for t in _weights(m):
+                if t.device.type == "cpu":
+                    visiting.append((t, t.data))
+                    t.data = t.data.to(self.device, non_blocking=True)
         try:
             yield
         finally:
-            for m in modules:
-                m.to("cpu")
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
+            for t, host in visiting:
+                t.data = host
+            torch.cuda.empty_cache()
 
     # -- conditioning and sampling -------------------------------------------------------------------
     def _condition(self, key: str, run: "RunContext", coords: torch.Tensor, grid_resolution: int
@@ -237,7 +267,7 @@ class Pixal3DPipeline:
             return self.sampler.sample(
                 model, noise, cond=cond, neg_cond=neg, **params, **kwargs,
                 on_step=(lambda i, n: progress(stage, i, n)) if progress else None,
-                should_cancel=run.should_cancel, batch_cfg=True).samples
+                should_cancel=run.should_cancel, batch_cfg=self.batch_cfg).samples
 
     def _sample_tokens(self, tag: str, stage: str, flow_key: str, encoder_key: str, run: "RunContext",
                        coords: torch.Tensor, grid: int, concat: SparseTensor | None = None) -> SparseTensor:

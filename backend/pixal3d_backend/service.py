@@ -56,10 +56,7 @@ class Generator:
     def use_low_vram(self) -> None:
         """From now on each model stays on the CPU except during its own stage (the server's answer to running
         out of GPU memory: slower, about half the VRAM)."""
-        pipeline = self.model.pipeline
-        pipeline.low_vram = True
-        for module in [*pipeline.models.values(), *pipeline.multiview_models.values(), *pipeline.encoders.values()]:
-            module.to("cpu")
+        self.model.pipeline.enable_low_vram()
 
     def capabilities(self) -> dict:
         dev = self.device
