@@ -145,8 +145,59 @@ class ForwardCounter:
         self.handle.remove()
 
 
+# ---------------------------------------------------------------------------------------------------------
+# where a stage's GPU time goes (torch.profiler)
+# ---------------------------------------------------------------------------------------------------------
+
+KERNEL_CLASSES = (      # first match wins; lower-case substrings of CUDA kernel names
+    ("attention", ("flash", "fmha", "attention", "attn", "sdpa")),
+    ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "wgmma", "matmul", "cublas")),
+    ("memcpy/memset", ("memcpy", "memset")),
+    ("norm/softmax/reduce", ("norm", "softmax", "reduce", "welford")),
+    ("elementwise/copy/index", ("elementwise", "vectorized", "copy", "cat", "index", "gather", "scatter", "fill")),
+)
+
+
+def kernel_class(name: str) -> str:
+    lower = name.lower()
+    return next((cls for cls, keys in KERNEL_CLASSES if any(k in lower for k in keys)),
+                "triton (ours)" if "kernel" in lower and "_" in lower and "at::" not in lower else "other")
+
+
+def busy_microseconds(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of [start, end] intervals: the time the GPU ran at least one kernel."""
+    busy, end = 0.0, -math.inf
+    for a, b in sorted(intervals):
+        if b > end:
+            busy += b - max(a, end)
+            end = b
+    return busy
+
+
+def profile_summary(prof, wall_seconds: float, top: int = 8) -> dict:
+    """GPU time per kernel class, the top kernels, and how much of the stage's wall time the GPU sat idle (launch
+    and host gaps) — from the profiler's device-side events."""
+    from torch.autograd import DeviceType
+
+    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    per_class: dict[str, float] = {}
+    per_kernel: dict[str, float] = {}
+    for e in kernels:
+        us = e.time_range.elapsed_us()
+        per_class[kernel_class(e.name)] = per_class.get(kernel_class(e.name), 0.0) + us
+        per_kernel[e.name] = per_kernel.get(e.name, 0.0) + us
+    busy = busy_microseconds([(e.time_range.start, e.time_range.end) for e in kernels]) / 1e6
+    return {"kernel_seconds": sum(per_class.values()) / 1e6, "gpu_busy_seconds": busy,
+            "gpu_idle_share": max(0.0, 1 - busy / wall_seconds), "launches": len(kernels),
+            "by_class_seconds": {k: v / 1e6 for k, v in sorted(per_class.items(), key=lambda kv: -kv[1])},
+            "top_kernels": [{"name": k[:120], "seconds": v / 1e6}
+                            for k, v in sorted(per_kernel.items(), key=lambda kv: -kv[1])[:top]]}
+
+
 def run_bench(resolution: int, device: torch.device, seed: int = 0, low_vram: bool = False,
-              pipe: Pixal3DPipeline | None = None) -> dict:
+              pipe: Pixal3DPipeline | None = None, profile: bool = False) -> dict:
+    """One cascade at `resolution`, stage by stage; `profile` adds a torch.profiler summary to each stage's row
+    (slower: time it apart from the measured runs)."""
     pipe = pipe or random_pipeline(device, low_vram)
     image, camera, coords32, hr, subs = object_structure(seed, resolution, device)
     rows = []
@@ -157,11 +208,16 @@ def run_bench(resolution: int, device: torch.device, seed: int = 0, low_vram: bo
         synchronize(device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        t0 = time.perf_counter()
-        out = fn(*args)
-        synchronize(device)
-        dt = time.perf_counter() - t0
+        profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) if profile \
+            else contextlib.nullcontext()
+        with profiler:
+            t0 = time.perf_counter()
+            out = fn(*args)
+            synchronize(device)
+            dt = time.perf_counter() - t0
         row = {"stage": name, "seconds": dt, "tokens": tokens, "peak_gib": peak_memory_gib(device)}
+        if profile:
+            row["profile"] = profile_summary(profiler, dt)
         if counter:
             counter.close()
             row.update(forwards=counter.calls, tflop=counter.flops / 1e12, tflops_per_s=counter.flops / dt / 1e12)
@@ -196,14 +252,26 @@ def print_table(result: dict, ceiling: float) -> None:
     print(f"{'total':<18}{result['total_seconds']:>8.2f}{'':>31}{result['peak_gib']:>10.2f}")
 
 
+def print_profile(result: dict) -> None:
+    print(f"{'stage':<18}{'wall s':>8}{'GPU busy s':>11}{'idle %':>8}{'launches':>10}  GPU seconds by kernel class")
+    for r in result["rows"]:
+        p = r["profile"]
+        classes = ", ".join(f"{k} {v:.2f}" for k, v in p["by_class_seconds"].items() if v >= 0.005)
+        print(f"{r['stage']:<18}{r['seconds']:>8.2f}{p['gpu_busy_seconds']:>11.2f}{100 * p['gpu_idle_share']:>8.0f}"
+              f"{p['launches']:>10,}  {classes}")
+
+
 @contextlib.contextmanager
-def plain_pytorch():
-    """Our plain-PyTorch paths for everything that has a kernel (`pixal3d_kernels` references, torch sparse conv)."""
+def plain_pytorch(pipe: Pixal3DPipeline):
+    """Our plain-PyTorch paths for everything that has a kernel (`pixal3d_kernels` references, torch sparse conv)
+    and CFG as two forwards, as the official code runs it."""
     saved = {k: os.environ.get(k) for k in ("PIXAL3D_KERNELS", "PIXAL3D_SPARSE_CONV")}
     os.environ.update(PIXAL3D_KERNELS="torch", PIXAL3D_SPARSE_CONV="torch")
+    pipe.batch_cfg = False
     try:
         yield
     finally:
+        pipe.batch_cfg = True
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
@@ -231,7 +299,10 @@ def main(argv: list[str]) -> int:
     p.add_argument("--json", type=Path, help="write the results here")
     p.add_argument("--reference", action="store_true",
                    help="also run each resolution with our plain-PyTorch paths (no Triton kernels, torch sparse "
-                        "conv) in this process, and print the speed-up of each stage side by side")
+                        "conv, CFG as two forwards) in this process, and print the speed-up of each stage side by side")
+    p.add_argument("--profile", action="store_true",
+                   help="after the measured runs, run each resolution once more under torch.profiler and print/write "
+                        "where each stage's GPU time goes (kernel classes, top kernels, idle share)")
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("pixal3d bench needs a CUDA GPU")
@@ -245,13 +316,22 @@ def main(argv: list[str]) -> int:
         result = run_bench(res, device, a.seed, a.low_vram, pipe)
         print_table(result, ceiling)
         if a.reference:
-            with plain_pytorch():
+            with plain_pytorch(pipe):
                 run_bench(res, device, a.seed, a.low_vram, pipe)
                 result["reference"] = run_bench(res, device, a.seed, a.low_vram, pipe)
             print_speedups(result)
         results.append(result)
-    if a.json:
-        a.json.write_text(json.dumps({"device": torch.cuda.get_device_name(device), "torch": torch.__version__,
-                                      "host": platform.node(), "ceiling_tflops": ceiling, "results": results},
-                                     indent=1))
+
+    def write_json():
+        if a.json:
+            a.json.write_text(json.dumps({"device": torch.cuda.get_device_name(device), "torch": torch.__version__,
+                                          "host": platform.node(), "ceiling_tflops": ceiling, "results": results},
+                                         indent=1))
+    write_json()
+    if a.profile:       # after the measured runs, so the profiler's overhead never touches their figures
+        for result in results:
+            result["profiled"] = run_bench(result["resolution"], device, a.seed, a.low_vram, pipe, profile=True)
+            print(f"\n== resolution {result['resolution']}: profile ==")
+            print_profile(result["profiled"])
+        write_json()
     return 0
