@@ -160,11 +160,10 @@ def test_cameras_from_one_direction_are_refused_in_plain_words():
         rig_of([views[0], twin])
 
 
-def test_visual_hull_carving_keeps_the_object_and_removes_what_no_view_sees():
-    """'hull' fusion (single-view weights): sparse-structure tokens outside any view's silhouette go, every token
-    of the object stays (the silhouettes are dilated by a token)."""
-    from pixal3d_backend.pipeline import SS_RESOLUTION, carve_visual_hull
-    centre, radius, size = np.array([0.3, -0.2, 0.5]), 0.5, 64
+def _ball_seen_by_four_views(centre=np.array([0.3, -0.2, 0.5]), radius=0.5, size=64):
+    """(rig, silhouettes [4, 1, size, size], all 32^3 coords, distance of a token's centre from the ball's centre,
+    one token's width) for a ball filmed by four object-centred views."""
+    from pixal3d_backend.pipeline import SS_RESOLUTION
     views = object_centred_views(tuple(centre), radius)
     rig = rig_of(views)
     rng = np.random.default_rng(0)
@@ -178,10 +177,37 @@ def test_visual_hull_carving_keeps_the_object_and_removes_what_no_view_sees():
     r = SS_RESOLUTION
     grid = torch.stack(torch.meshgrid(*[torch.arange(r)] * 3, indexing="ij"), -1).reshape(-1, 3)
     coords = torch.cat([torch.zeros(len(grid), 1, dtype=torch.int32), grid.int()], 1)
-    kept = carve_visual_hull(coords, masks, rig.grid_cameras())
     world = lambda c: model_to_world(rig, np.linspace(-1.0, 1.0, r)[c[:, 1:].numpy()] / 2)
     distance = lambda c: np.linalg.norm(world(c) - centre, axis=1)
-    assert set(map(tuple, coords[distance(coords) < radius].tolist())) <= set(map(tuple, kept.tolist()))
     token = np.linalg.norm(world(coords[:1] + torch.tensor([[0, 1, 0, 0]], dtype=torch.int32)) - world(coords[:1]))
+    return rig, masks, coords, distance, token
+
+
+def test_visual_hull_carving_keeps_the_object_and_removes_what_no_view_sees():
+    """'hull' fusion (single-view weights): sparse-structure tokens outside any view's silhouette go, every token
+    of the object stays (the silhouettes are dilated by a token)."""
+    from pixal3d_backend.pipeline import carve_visual_hull
+    radius = 0.5
+    rig, masks, coords, distance, token = _ball_seen_by_four_views(radius=radius)
+    kept = carve_visual_hull(coords, masks, rig.grid_cameras())
+    assert set(map(tuple, coords[distance(coords) < radius].tolist())) <= set(map(tuple, kept.tolist()))
     assert distance(kept).max() < 1.5 * radius + 2 * token      # the hull of four views of a ball, plus dilation
     assert len(kept) < 0.6 * len(coords)          # the ball fills ~40 % of the model cube (its crop is 1.1x it)
+
+
+def test_visual_hull_shell_is_the_surface_layer_of_the_hull():
+    """'hull' fusion also adds the hull's surface tokens: a closed one-token-thick layer around the ball, none
+    deep inside it, none outside the hull."""
+    from pixal3d_backend.pipeline import inside_every_view, visual_hull_shell
+    radius = 0.5
+    rig, masks, coords, distance, token = _ball_seen_by_four_views(radius=radius)
+    shell = visual_hull_shell(masks, rig.grid_cameras())
+    hull = coords[inside_every_view(coords, masks, rig.grid_cameras())]
+    assert set(map(tuple, shell.tolist())) <= set(map(tuple, hull.tolist()))
+    assert distance(shell).min() > radius - 2 * token                  # a layer, not the solid
+    assert len(hull) > 3 * len(shell) > 0
+    # closed: every hull token's straight path out along +x crosses the shell
+    hull_set, shell_set = set(map(tuple, hull.tolist())), set(map(tuple, shell.tolist()))
+    for b, x, y, z in hull.tolist()[::37]:
+        path = [(b, xi, y, z) for xi in range(x, 32) if (b, xi, y, z) in hull_set]
+        assert any(p in shell_set for p in path)

@@ -55,8 +55,8 @@ MAX_NUM_TOKENS = 49152      # official token cap of the HR stage
 TWO_STAGE_RESOLUTIONS = (1024, 1536)
 # How several views condition the cascade: "mean" / "visible" fuse their lifted features per voxel (the official
 # multi-view release, for weights fine-tuned on it); "hull" conditions every stage on view 0 alone, as single-view
-# weights were trained, and removes the sparse-structure tokens outside any view's silhouette (visual-hull carving
-# with the exact cameras).
+# weights were trained, removes the sparse-structure tokens outside any view's silhouette and adds the surface
+# tokens of the views' visual hull (with the exact cameras).
 FUSIONS = ("mean", "visible", "hull")
 HULL_MASK_SIZE = 256            # silhouettes are resampled to this side before carving
 
@@ -106,22 +106,45 @@ class PipelineOutput:
     tokens: dict[str, int] = field(default_factory=dict)
 
 
-def carve_visual_hull(coords: torch.Tensor, silhouettes: torch.Tensor, cameras: Sequence[ViewCamera]
+def inside_every_view(coords: torch.Tensor, silhouettes: torch.Tensor, cameras: Sequence[ViewCamera]
                       ) -> torch.Tensor:
-    """Sparse-structure tokens `coords` [N, 4] kept when their centre falls inside every view's silhouette
-    (`silhouettes` [V, 1, S, S] crop alphas, `cameras` re-based onto view 0), each dilated by a token's width in the
-    crop (a token spans about 1/32 of it at mid-depth) so carving never cuts into the object. If nothing would be
-    left (cameras that disagree), the tokens are kept as they were."""
+    """Bool [N]: whether each sparse-structure token's centre (`coords` [N, 4] on the 32^3 grid) projects inside
+    every view's silhouette (`silhouettes` [V, 1, S, S] crop alphas, `cameras` re-based onto view 0)."""
     size = silhouettes.shape[-1]
-    radius = max(1, round(size / SS_RESOLUTION))
-    dilated = torch.nn.functional.max_pool2d(silhouettes, 2 * radius + 1, stride=1, padding=radius)
     c2ws = np.stack([camera_to_world(c) for c in cameras])
     inside = torch.ones(coords.shape[0], dtype=torch.bool, device=coords.device)
     for v, cam in enumerate(cameras):
-        seen = lift_features_multiview(dilated[v:v + 1], coords[:, 1:], SS_RESOLUTION, size, [cam.fov],
+        seen = lift_features_multiview(silhouettes[v:v + 1], coords[:, 1:], SS_RESOLUTION, size, [cam.fov],
                                        c2ws[v:v + 1], [cam.mesh_scale])
         inside &= seen[:, 0].to(coords.device) > 0.5
+    return inside
+
+
+def carve_visual_hull(coords: torch.Tensor, silhouettes: torch.Tensor, cameras: Sequence[ViewCamera]
+                      ) -> torch.Tensor:
+    """Sparse-structure tokens `coords` [N, 4] kept when their centre falls inside every view's silhouette, each
+    dilated by a token's width in the crop (a token spans about 1/32 of it at mid-depth) so carving never cuts into
+    the object. If nothing would be left (cameras that disagree), the tokens are kept as they were."""
+    radius = max(1, round(silhouettes.shape[-1] / SS_RESOLUTION))
+    dilated = torch.nn.functional.max_pool2d(silhouettes, 2 * radius + 1, stride=1, padding=radius)
+    inside = inside_every_view(coords, dilated, cameras)
     return coords[inside] if inside.any() else coords
+
+
+def visual_hull_shell(silhouettes: torch.Tensor, cameras: Sequence[ViewCamera]) -> torch.Tensor:
+    """The tokens [M, 4] of the views' visual hull that have a 6-neighbour outside it: the sparse structure a solid
+    filling the hull would have. Where the single-view model guessed a part's depth wrong, carving removed it; the
+    shell puts tokens where every view says the object is."""
+    r = SS_RESOLUTION
+    grid = torch.stack(torch.meshgrid(*[torch.arange(r, device=silhouettes.device)] * 3, indexing="ij"), -1)
+    coords = torch.cat([torch.zeros(r ** 3, 1, dtype=torch.int32, device=grid.device), grid.reshape(-1, 3).int()], 1)
+    solid = torch.nn.functional.pad(inside_every_view(coords, silhouettes, cameras).view(r, r, r), (1,) * 6)
+    interior = solid[1:-1, 1:-1, 1:-1].clone()
+    for axis in range(3):
+        for shift in (0, 2):
+            interior &= solid.narrow(axis, shift, r).narrow((axis + 1) % 3, 1, r).narrow((axis + 2) % 3, 1, r)
+    shell = solid[1:-1, 1:-1, 1:-1] & ~interior
+    return coords[shell.reshape(-1)]
 
 
 def _weights(module: torch.nn.Module):
@@ -300,7 +323,9 @@ class Pixal3DPipeline:
             coords = occupancy_to_coords(decoder(z), SS_RESOLUTION)
         run.trace.update(ss_noise=noise, ss_samples=z, cond_ss_global=cond["global"], cond_ss_proj=cond["proj"])
         if run.silhouettes is not None:
-            coords = carve_visual_hull(coords, run.silhouettes.to(self.device), run.cameras)
+            silhouettes = run.silhouettes.to(self.device)
+            carved = carve_visual_hull(coords, silhouettes, run.cameras)
+            coords = torch.cat([carved, visual_hull_shell(silhouettes, run.cameras)]).unique(dim=0)
         return coords
 
     def sample_shape_lr(self, run: "RunContext", coords: torch.Tensor) -> SparseTensor:
