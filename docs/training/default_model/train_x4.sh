@@ -4,12 +4,13 @@
 set -u
 export PYTHONPATH=$PWD/backend:$PWD/kernels PYTHONUNBUFFERED=1 PIXAL3D_SPARSE_CONV=torch
 POOL_MIN=${POOL_MIN:-3.8}; TRAIN_MIN=${TRAIN_MIN:-7.5}; INIT=${INIT:-backend/pixal3d_backend/default_model}
+FIRST_BATCH=${FIRST_BATCH:-0}   # past the generator batches of earlier pools, so each run adds new views
 RUN=/tmp/run; POOL=/tmp/pool; LOG=$OUT/logs.txt
 mkdir -p $RUN && cp -r .device_carry/vae/* $RUN/
 nvidia-smi -L | tee -a $LOG
 for g in 0 1 2 3; do
   CUDA_VISIBLE_DEVICES=$g python -m pixal3d_backend.training.flow_pool --vae $RUN --out $POOL --shard $g \
-    --shards 4 --minutes $POOL_MIN > /tmp/pool_$g.log 2>&1 &
+    --shards 4 --minutes $POOL_MIN --first-batch $FIRST_BATCH > /tmp/pool_$g.log 2>&1 &
 done
 wait
 for g in 0 1 2 3; do tail -n 5 /tmp/pool_$g.log; done | tee -a $LOG
