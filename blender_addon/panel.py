@@ -90,6 +90,7 @@ class PIXAL3D_PT_sampling(_ClosedSubPanel, bpy.types.Panel):
             col.prop(settings, f"{stage}_guidance")
         col = layout.column(heading="Mesh")
         col.prop(settings, "remesh")
+        col.prop(settings, "unwrap")
         col.prop(settings, "normal_map")
         col.prop(settings, "low_vram")
 

@@ -24,9 +24,16 @@ _LABELS = {
     "shape_steps": "Shape Steps", "shape_guidance": "Shape Guidance", "tex_steps": "Texture Steps",
     "tex_guidance": "Texture Guidance", "face_target": "Face Target", "texture_size": "Texture Size",
     "remesh": "Remesh", "normal_map": "Normal Map", "low_vram": "Low VRAM",
-    "visibility_weighted": "Visible Views Only",
+    "visibility_weighted": "Visible Views Only", "unwrap": "UV Unwrap",
 }
+_CHOICE_LABELS = {"charts": "Charts", "xatlas": "xatlas"}
 RESOLUTIONS = (MODEL_DEFAULT_RESOLUTION, 256, 1024, 1536)
+
+
+def _choice_label(value) -> str:
+    if isinstance(value, str):
+        return _CHOICE_LABELS[value]
+    return f"{value} px" if value else "Model Default"
 
 
 def _option_property(option: dataclasses.Field):
@@ -36,8 +43,7 @@ def _option_property(option: dataclasses.Field):
         values = spec["choices"] or RESOLUTIONS
         if option.name == "resolution":
             default = MODEL_DEFAULT_RESOLUTION
-        return EnumProperty(items=[(str(v), f"{v} px" if v else "Model Default", "") for v in values],
-                            default=str(default), **common)
+        return EnumProperty(items=[(str(v), _choice_label(v), "") for v in values], default=str(default), **common)
     if isinstance(default, bool):
         return BoolProperty(default=default, **common)
     if isinstance(default, int):

@@ -1,11 +1,13 @@
 """Export stage: bake round trip, decimation target, watertight remesh, GLB contents and Blender import."""
 import dataclasses
+import functools
 import json
 import math
 import struct
 import subprocess
 import sys
 import textwrap
+from typing import get_args
 
 import numpy as np
 import pytest
@@ -18,6 +20,7 @@ from pixal3d_backend.export import ExportOptions, GlbCamera, export_asset, write
 from pixal3d_backend.export.bake import vertex_tangents
 from pixal3d_backend.export.decimate import decimate
 from pixal3d_backend.export.remesh import remesh
+from pixal3d_backend.export.unwrap import UnwrapMethod
 
 RES = 48
 RADIUS = 0.35
@@ -38,12 +41,23 @@ def sphere_voxels(alpha_cut: bool):
     return coords, attrs.astype(np.float32)
 
 
-@pytest.fixture(scope="module")
-def sphere_asset():
+@functools.cache
+def exported_sphere(unwrap: str):
     mesh = trimesh.creation.icosphere(4, RADIUS)
     coords, attrs = sphere_voxels(alpha_cut=True)
-    options = ExportOptions(face_target=1500, remesh=False, texture_size=512)
+    options = ExportOptions(face_target=1500, remesh=False, texture_size=512, unwrap=unwrap)
     return export_asset(mesh.vertices.astype(np.float32), mesh.faces, coords, attrs, RES, options, device="cpu")
+
+
+@pytest.fixture(scope="module", params=get_args(UnwrapMethod))
+def unwrapped_sphere(request):
+    """The sphere exported with each UV unwrap method (the bake is checked through both layouts)."""
+    return exported_sphere(request.param)
+
+
+@pytest.fixture(scope="module")
+def sphere_asset():
+    return exported_sphere(ExportOptions().unwrap)
 
 
 def _bilinear(img: np.ndarray, uv: np.ndarray) -> np.ndarray:
@@ -65,10 +79,10 @@ def _surface_samples(asset, n=4000, seed=0):
     return f, b, interp
 
 
-def test_bake_round_trip(sphere_asset):
+def test_bake_round_trip(unwrapped_sphere):
     """Baked maps sampled back through the UVs reproduce the analytic field (error budget: trilinear sampling of
     voxel-centre values + uint8 + bilinear lookup, < 0.02 mean, < 0.06 at the 99th percentile)."""
-    a = sphere_asset
+    a = unwrapped_sphere
     _, _, interp = _surface_samples(a)
     p_model = interp(a.positions) @ R_MODEL_TO_GLB          # R is symmetric orthogonal: GLB -> model is R.T = R
     uv = interp(a.uvs)
@@ -83,10 +97,10 @@ def test_bake_round_trip(sphere_asset):
     assert alpha[p_model[:, 1] < 0.15].min() > 0.99 and alpha[p_model[:, 1] > 0.25].max() < 0.01
 
 
-def test_normal_map_round_trip(sphere_asset):
+def test_normal_map_round_trip(unwrapped_sphere):
     """Decoding the normal map with the documented tangent frame gives the full-resolution sphere's normal
     (the low-poly facets' own normals are up to several degrees off)."""
-    a = sphere_asset
+    a = unwrapped_sphere
     f, b, interp = _surface_samples(a, seed=1)
     pos, nrm, uvs, faces = (torch.as_tensor(x) for x in (a.positions, a.normals, a.uvs, a.faces.astype(np.int64)))
     tangents = vertex_tangents(pos, nrm, uvs, faces).numpy()

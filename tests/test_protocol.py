@@ -169,16 +169,17 @@ def test_single_view_weights_still_take_several_views():
     SubmitRequest([object_view(), object_view(), object_view()], Options(resolution=1024)).check_supported(caps)
 
 
-def test_an_option_added_after_the_first_release_is_sent_only_when_used():
+@pytest.mark.parametrize("name, used", [("visibility_weighted", True), ("unwrap", "xatlas")])
+def test_an_option_added_after_the_first_release_is_sent_only_when_used(name, used):
     """A v1 backend of the first release rejects unknown options, so a new option at its default stays off the
     wire (the request means the same), and when used it round-trips."""
     header = json.loads(protocol.encode(submit_request(), "r")[0])
-    assert "visibility_weighted" not in header["options"]
-    assert roundtrip(submit_request()).options.visibility_weighted is False
-    weighted = submit_request()
-    weighted.options.visibility_weighted = True
-    assert json.loads(protocol.encode(weighted, "r")[0])["options"]["visibility_weighted"] is True
-    assert roundtrip(weighted).options.visibility_weighted is True
+    assert name not in header["options"]
+    assert getattr(roundtrip(submit_request()).options, name) == getattr(Options(), name) != used
+    request = submit_request()
+    setattr(request.options, name, used)
+    assert json.loads(protocol.encode(request, "r")[0])["options"][name] == used
+    assert getattr(roundtrip(request).options, name) == used
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -250,6 +251,9 @@ BAD_INPUTS = {
     "texture size not offered": (lambda: submit_frames(_set(["options", "texture_size"], 3000)),
                                  ErrorCode.OPTION_OUT_OF_RANGE),
     "option of the wrong type": (lambda: submit_frames(_set(["options", "remesh"], 1)), ErrorCode.BAD_REQUEST),
+    "unwrap method not offered": (lambda: submit_frames(_set(["options", "unwrap"], "lscm")),
+                                  ErrorCode.OPTION_OUT_OF_RANGE),
+    "unwrap method that is not text": (lambda: submit_frames(_set(["options", "unwrap"], 1)), ErrorCode.BAD_REQUEST),
     "oversized image frame": (lambda: submit_frames(blobs=[bytes(protocol.MAX_IMAGE_BYTES + 1)]),
                               ErrorCode.TOO_LARGE),
     "too many views": (lambda: submit_frames(lambda h: h.update(views=h["views"] * (protocol.MAX_VIEWS + 1)),

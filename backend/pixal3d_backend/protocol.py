@@ -470,6 +470,9 @@ class Options:
                                 doc="side of the PBR maps in pixels")
     remesh: bool = _option(True, doc="rebuild the surface before decimation")
     normal_map: bool = _option(False, doc="bake a tangent-space normal map")
+    unwrap: str = _option("charts", choices=("charts", "xatlas"), added=True,
+                          doc="texture layout: charts (faces grouped by the axis they face; about a second) or "
+                              "xatlas (organic charts; a minute at 100k faces, more beyond)")
     low_vram: bool = _option(False, doc="keep models on the CPU between stages (slower, about half the VRAM)")
     visibility_weighted: bool = _option(False, added=True,
                                         doc="several views: average each voxel's features only over the views "
@@ -494,6 +497,8 @@ class Options:
             kind = type(known[name].default)
             if kind is bool:
                 values[name] = o.flag(name)
+            elif kind is str:
+                values[name] = o.text(name, MAX_ID_CHARS)
             elif kind is int:
                 values[name] = _integer(value, spec["low"], spec["high"], where, ErrorCode.BAD_REQUEST,
                                         ErrorCode.OPTION_OUT_OF_RANGE)

@@ -109,7 +109,8 @@ class Generator:
                                  out.resolution, ExportOptions(face_target=options.face_target,
                                                                remesh=options.remesh,
                                                                texture_size=options.texture_size,
-                                                               normal_map=options.normal_map),
+                                                               normal_map=options.normal_map,
+                                                               unwrap=options.unwrap),
                                  device=self.device)
         except Cancelled:
             raise ProtocolError(ErrorCode.CANCELLED, "the job was cancelled") from None
@@ -191,7 +192,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         if f.name != "low_vram":
             p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default) if not isinstance(f.default, bool)
                            else (lambda s: s.lower() in ("1", "true", "yes", "on")), default=None,
-                           help=f.metadata.get("doc"))
+                           choices=f.metadata["choices"] or None, help=f.metadata.get("doc"))
 
 
 def model_from_arguments(a: argparse.Namespace) -> tuple[LoadedModel, dict]:

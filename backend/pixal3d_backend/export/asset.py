@@ -2,9 +2,9 @@
 
 Steps (model frame until the end): small-hole filling (`mesh.fill_small_holes`, the official 3e-2 perimeter);
 optional remesh to a closed surface; quadric decimation to the face target;
-xatlas unwrap; bake base colour + alpha, metallic, roughness from the voxel field at each texel's point, and
-optionally a tangent-space normal map from the decoded surface's normals at the texel's closest point on it;
-inpainting; uint8.
+UV unwrap (axis-projected charts or xatlas, `unwrap.py`); bake base colour + alpha, metallic, roughness from
+the voxel field at each texel's point, and optionally a tangent-space normal map from the decoded surface's
+normals at the texel's closest point on it; inpainting; uint8.
 The result is rotated into the official GLB frame (`camera.R_MODEL_TO_GLB`, spec §7), a proper rotation, so
 winding, UVs and tangent-space normals are unchanged.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -23,7 +23,7 @@ from .bake import Reference, bake, vertex_normals
 from .closest import ClosestTriangleBand, Grid
 from .decimate import decimate
 from .remesh import default_remesh_resolution, remesh
-from .unwrap import unwrap
+from .unwrap import UnwrapMethod, unwrap
 from .voxel_field import SparseVoxelField
 
 # Normal-map texels read the decoded surface's normal at their closest point on it when that is within this many
@@ -45,6 +45,7 @@ class ExportOptions:
     normal_map: bool = True
     image_format: Literal["png", "webp"] = "png"
     alpha_mode: Literal["auto", "OPAQUE", "BLEND", "MASK"] = "auto"
+    unwrap: UnwrapMethod = "charts"
 
     def __post_init__(self):
         if not 512 <= self.texture_size <= 4096:
@@ -55,6 +56,8 @@ class ExportOptions:
             raise ValueError(f"image_format must be 'png' or 'webp', got {self.image_format!r}")
         if self.alpha_mode not in ("auto", "OPAQUE", "BLEND", "MASK"):
             raise ValueError(f"unknown alpha_mode {self.alpha_mode!r}")
+        if self.unwrap not in get_args(UnwrapMethod):
+            raise ValueError(f"unwrap must be one of {get_args(UnwrapMethod)}, got {self.unwrap!r}")
 
 
 @dataclass
@@ -95,8 +98,8 @@ def export_asset(mesh_vertices, mesh_faces, voxel_coords, voxel_attrs, resolutio
     """Builds the asset from a decoded mesh (model frame, vertices in [-0.5, 0.5]^3) and its voxel PBR attributes
     (coords int [N, 3] at `resolution`, attrs [N, 6] = base colour RGB, metallic, roughness, alpha).
 
-    `device`: where the heavy tensor work runs (default: CUDA when available). Decimation and unwrapping run on
-    the CPU (fast_simplification, xatlas).
+    `device`: where the heavy tensor work runs (default: CUDA when available), the chart unwrap's included.
+    Decimation, chart packing and xatlas run on the CPU.
     """
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     timings: dict[str, float] = {}
@@ -134,7 +137,7 @@ def export_asset(mesh_vertices, mesh_faces, voxel_coords, voxel_attrs, resolutio
     lap("decimate")
     v = torch.as_tensor(v_np, device=dev)
     n = vertex_normals(v, torch.as_tensor(f_np, device=dev))
-    vmap, f_uv, uvs = unwrap(v_np, f_np, n.cpu().numpy(), options.texture_size)
+    vmap, f_uv, uvs = unwrap(v_np, f_np, n.cpu().numpy(), options.texture_size, options.unwrap, dev)
     lap("unwrap")
     vmap_t = torch.as_tensor(vmap, device=dev)
     v, n = v[vmap_t], n[vmap_t]
