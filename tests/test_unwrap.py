@@ -51,8 +51,8 @@ def uv_islands(faces: np.ndarray) -> np.ndarray:
     return island
 
 
-def check_atlas(vertices, faces, size, result):
-    """Every property the unwrap promises; returns the faces' islands."""
+def check_atlas(vertices, faces, size, result, gutter=True):
+    """Every property the unwrap promises (the gutter unless told otherwise); returns the faces' islands."""
     vmapping, new_faces, uvs = result
     assert vmapping.dtype == np.int64 and new_faces.dtype == np.int64 and uvs.dtype == np.float32
     assert new_faces.shape == faces.shape and len(vmapping) == len(uvs)
@@ -63,9 +63,9 @@ def check_atlas(vertices, faces, size, result):
     # texels of two charts keep the gutter between them, also across the atlas border (samplers repeat)
     island = uv_islands(new_faces)
     chart_at = np.where(owner >= 0, island[owner.clip(0)], -1)
-    gutter = padding_texels(size)
-    for dy in range(-gutter, gutter + 1):
-        for dx in range(-gutter, gutter + 1):
+    reach = padding_texels(size) if gutter else 0
+    for dy in range(-reach, reach + 1):
+        for dx in range(-reach, reach + 1):
             near = np.roll(chart_at, (dy, dx), (0, 1))
             assert not ((chart_at >= 0) & (near >= 0) & (chart_at != near)).any(), (dy, dx)
     return island
@@ -90,7 +90,7 @@ def check_orthographic(vertices, faces, result):
     # projected area over the true area is the cosine of the face's slant, at most JOIN_MAX_DEGREES
     (ax, ay), (bx, by) = (q[:, 1] - q[:, 0]).T, (q[:, 2] - q[:, 0]).T
     density = np.abs(ax * by - ay * bx) / np.abs(normals[np.arange(len(p)), plane])
-    assert np.ptp(density[big]) < 1e-3 * np.median(density[big])
+    assert np.ptp(density[big]) < 1e-2 * np.median(density[big])       # float32 uvs of texel-sized slivers
     slant = np.abs(normals[np.arange(len(p)), plane]) / np.linalg.norm(normals, axis=-1)
     assert slant[big].min() > math.cos(math.radians(JOIN_MAX_DEGREES)) - 1e-6
 
@@ -209,6 +209,18 @@ def test_zero_area_faces_are_laid_out_with_their_neighbours():
     result = charts(vertices, faces, 512)
     island = check_atlas(vertices, faces, 512, result)
     assert (np.bincount(island)[island[zero]] > 1).all()     # no zero-area face is a chart of its own
+
+
+def test_charts_too_many_for_gutters_are_packed_touching_but_apart():
+    """30 000 separate triangles cannot each keep a 2-texel gutter in a 512² atlas (3 x 3 texels each at
+    least): they are packed without gutters rather than not at all, and still never overlap."""
+    rng = np.random.default_rng(0)
+    corners = rng.uniform(-0.4, 0.4, (30_000, 1, 3)) + rng.normal(0, 0.004, (30_000, 3, 3))
+    vertices = corners.reshape(-1, 3).astype(np.float32)
+    faces = np.arange(len(vertices)).reshape(-1, 3)
+    result = charts(vertices, faces, 512)
+    check_atlas(vertices, faces, 512, result, gutter=False)
+    check_orthographic(vertices, faces, result)
 
 
 def test_the_methods_are_those_of_the_protocol():

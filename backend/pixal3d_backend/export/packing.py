@@ -5,15 +5,15 @@ segments of its border. At a trial scale (texels per world unit) each chart beco
 of `cell` = half-gutter texels: per cell column, the lowest and highest cell that the chart touches (the
 extremes of a region over a column lie on its border). Profiles are dilated by one cell all round and never
 overlap, so the texels that two charts touch keep at least 2 cells = the gutter apart, and one cell from the
-atlas border (a gutter across it too: glTF samplers repeat). Charts sit at whole cells: texel-aligned.
+atlas border (a gutter across it too: glTF samplers repeat). Charts sit at whole cells: texel-aligned. Charts
+too many to keep gutters at any scale (each takes 3 x 3 cells at least: some 29 000 fit a 512² atlas) are
+packed touching instead, on a grid of texels, rather than not at all; they still never overlap.
 
 Large charts (among the `LARGE_CHARTS` largest, those more than `SMALL_CELLS` across), largest first, are
 dropped onto the skyline (the first free cell of each column), each in the quarter turn and column that leave
 the least space under it. The other charts are first shelved (next fit, tallest first) into blocks an
 eighth of the atlas wide and about as tall, each dropped like one chart, so a mesh of 100 000 small charts
-costs a few hundred drops. The first trial scale makes the charts' dilated bounding boxes cover
-`FIRST_FILL` of the atlas; each next one is corrected from the height the last reached (height grows with
-the square of the scale), and the largest scale that fits is kept.
+costs a few hundred drops. The largest scale that fits is searched for in a few trials (`_search`).
 """
 from __future__ import annotations
 
@@ -51,9 +51,9 @@ def turn(points: np.ndarray, extent: np.ndarray, turns) -> np.ndarray:
 
 @dataclass
 class _Profiles:
-    """Dilated column profiles of every chart in one orientation, in cells of the chart's frame: chart c owns
-    entries start[c]:start[c + 1] of `low` (first row) and `high` (one past the last row), the first entry
-    being the column left of the frame's column 0."""
+    """Column profiles of every chart in one orientation, dilated by `margin` cells, in cells of the chart's
+    frame: chart c owns entries start[c]:start[c + 1] of `low` (first row) and `high` (one past the last row),
+    the first being `margin` columns left of the frame's column 0."""
     start: np.ndarray
     low: np.ndarray
     high: np.ndarray
@@ -67,10 +67,11 @@ class _Profiles:
         return np.diff(self.start), low, np.maximum.reduceat(self.high, self.start[:-1]) - low
 
 
-def _profiles(segments: np.ndarray, segment_chart: np.ndarray, extent: np.ndarray, cell: int) -> _Profiles:
+def _profiles(segments: np.ndarray, segment_chart: np.ndarray, extent: np.ndarray, cell: int,
+              margin: int) -> _Profiles:
     """Profiles of charts given by `segments` [S, 2, 2] and `extent` [C, 2] in texels."""
     columns = np.floor(extent[:, 0] / cell).astype(np.int64) + 1
-    start = np.concatenate([[0], np.cumsum(columns + 2)])            # a padding column each side, to dilate
+    start = np.concatenate([[0], np.cumsum(columns + 2 * margin)])   # `margin` padding columns each side
     x0, x1 = segments[:, :, 0].min(1), segments[:, :, 0].max(1)
     first = np.floor(x0 / cell).astype(np.int64)
     count = np.floor(x1 / cell).astype(np.int64) - first + 1
@@ -83,21 +84,22 @@ def _profiles(segments: np.ndarray, segment_chart: np.ndarray, extent: np.ndarra
     for side, own_end in ((column * cell, ay), ((column + 1) * cell, by)):
         t = np.clip((np.clip(side, x0[s], x1[s]) - ax) / np.where(dx == 0, 1.0, dx), 0.0, 1.0)
         ends.append(np.where(dx == 0, own_end, ay + t * (by - ay)))
-    slot = start[segment_chart[s]] + 1 + column
+    slot = start[segment_chart[s]] + margin + column
     low = np.full(start[-1], _FAR)
     high = np.full(start[-1], -_FAR)
     np.minimum.at(low, slot, np.floor(np.minimum(*ends) / cell).astype(np.int64))
     np.maximum.at(high, slot, np.floor(np.maximum(*ends) / cell).astype(np.int64))
     # a column no segment crosses (a chart of zero-area faces only has no border) takes the whole box
-    chart = np.repeat(np.arange(columns.size), columns + 2)
-    padding = np.zeros(start[-1], dtype=bool)
-    padding[start[:-1]] = padding[start[1:] - 1] = True
+    chart = np.repeat(np.arange(columns.size), columns + 2 * margin)
+    padding = np.ones(start[-1], dtype=bool)
+    padding[slot] = False
     empty = (low == _FAR) & ~padding
     low[empty] = 0
     high[empty] = np.floor(extent[chart[empty], 1] / cell)
-    dilated_low = np.minimum(np.minimum(low, np.roll(low, 1)), np.roll(low, -1)) - 1
-    dilated_high = np.maximum(np.maximum(high, np.roll(high, 1)), np.roll(high, -1)) + 2
-    return _Profiles(start, dilated_low, dilated_high)
+    if margin:
+        low = np.minimum(np.minimum(low, np.roll(low, 1)), np.roll(low, -1)) - 1
+        high = np.maximum(np.maximum(high, np.roll(high, 1)), np.roll(high, -1)) + 1
+    return _Profiles(start, low, high + 1)
 
 
 def _drop(skyline: np.ndarray, low: np.ndarray, high: np.ndarray) -> tuple[int, int, int] | None:
@@ -153,7 +155,7 @@ def _blocks(widths: np.ndarray, heights: np.ndarray, side: int):
     return block, bx, by, side, block_height
 
 
-def _turned_profiles(segments, segment_chart, extent, charts, t, scale, cell) -> _Profiles:
+def _turned_profiles(segments, segment_chart, extent, charts, t, scale, cell, margin) -> _Profiles:
     """Profiles of `charts` (their order) turned by `t` quarter turns, at `scale`."""
     position = np.full(extent.shape[0], -1)
     position[charts] = np.arange(charts.size)
@@ -161,18 +163,19 @@ def _turned_profiles(segments, segment_chart, extent, charts, t, scale, cell) ->
     extent = extent[charts]
     turned = turn(segments[mine], extent[position[segment_chart[mine]], None, :], t)
     return _profiles(turned * scale, position[segment_chart[mine]], (extent[:, ::-1] if t % 2 else extent) * scale,
-                     cell)
+                     cell, margin)
 
 
-def _trial(segments, segment_chart, extent, largest, scale, cell, columns):
+def _trial(segments, segment_chart, extent, largest, scale, cell, margin, columns):
     """One packing at `scale`: (rows reached, turns [C], frame origins [C, 2] in cells), or None when a chart
     is wider than the atlas in every orientation."""
-    upright = _turned_profiles(segments, segment_chart, extent, np.arange(extent.shape[0]), 0, scale, cell)
+    upright = _turned_profiles(segments, segment_chart, extent, np.arange(extent.shape[0]), 0, scale, cell, margin)
     width, low, height = upright.boxes()
     large = largest[np.maximum(width, height)[largest] > SMALL_CELLS]
     small = np.setdiff1d(np.arange(extent.shape[0]), large)
     # turned profiles of the large charts, their index in `large`
-    profiles = {t: _turned_profiles(segments, segment_chart, extent, large, t, scale, cell) for t in QUARTER_TURNS}
+    profiles = {t: _turned_profiles(segments, segment_chart, extent, large, t, scale, cell, margin)
+                for t in QUARTER_TURNS}
     turns = np.zeros(extent.shape[0], dtype=np.int64)
     origin = np.zeros((extent.shape[0], 2), dtype=np.int64)
     skyline = np.zeros(columns, dtype=np.int64)
@@ -200,58 +203,78 @@ def _trial(segments, segment_chart, extent, largest, scale, cell, columns):
             placed = drop([(t, *profiles[t].of(index)) for t in QUARTER_TURNS])
             if placed is None:
                 return None
-            turns[large[index]], origin[large[index]] = placed[0], (placed[1] + 1, placed[2])
+            turns[large[index]], origin[large[index]] = placed[0], (placed[1] + margin, placed[2])
         else:
             placed = drop([(0, np.zeros(side, np.int64), np.full(side, block_height[index]))])
             if placed is None:
                 return None
             block_origin[index] = placed[1:]
     if small.size:
-        origin[small] = block_origin[block] + np.stack([bx + 1, by - low[small]], -1)
+        origin[small] = block_origin[block] + np.stack([bx + margin, by - low[small]], -1)
     return int(skyline.max()), turns, origin
 
 
-def _first_scale(extent: np.ndarray, cell: int, columns: int) -> float:
-    """The scale at which the charts' dilated bounding boxes cover `FIRST_FILL` of the atlas (they grow with
-    the scale: bisection), at most the one that makes the widest chart as wide as the atlas."""
+def _search(segments, segment_chart, extent, size, cell, margin) -> Placement | None:
+    """The largest scale found to fit (module doc), or None when the charts do not fit at any.
+
+    Trial scales come from the charts' dilated bounding boxes, whose total area grows with the scale: the
+    first makes them cover `FIRST_FILL` of the atlas, each next one the area the last trial's packing
+    efficiency says fills `AIM_FILL` of the height, kept between the largest scale that fitted and the smallest
+    that did not."""
+    columns = rows = size // cell
+    largest = np.argsort(-np.prod(extent, axis=1), kind="stable")[:LARGE_CHARTS]
+
     def boxes(scale: float) -> float:
-        cells = np.floor(extent * scale / cell) + 3
+        cells = np.floor(extent * scale / cell) + 1 + 2 * margin
         return float((cells[:, 0] * cells[:, 1]).sum())
 
-    target = FIRST_FILL * columns ** 2
-    low, high = 0.0, (columns - 3) * cell / max(float(extent.max(initial=0.0)), 1e-30)
-    if boxes(high) <= target:
-        return high
-    for _ in range(40):
-        mid = (low + high) / 2
-        low, high = (mid, high) if boxes(mid) < target else (low, mid)
-    return max(low, 1e-30)
+    if boxes(0.0) > columns * rows:         # even at one cell each
+        return None
+    longest = float(extent.max(initial=0.0))
+    widest = (columns - 1 - 2 * margin) * cell / max(longest, 1e-30)
+
+    def scale_for(cells: float) -> float:
+        """The largest scale whose boxes cover at most `cells` (bisection), no chart wider than the atlas."""
+        if boxes(widest) <= cells:
+            return widest
+        low, high = 0.0, widest
+        for _ in range(50):
+            mid = (low + high) / 2
+            low, high = (mid, high) if boxes(mid) <= cells else (low, mid)
+        return low
+
+    best, fits, fails = None, 0.0, math.inf
+    scale = scale_for(FIRST_FILL * columns * rows)
+    for _ in range(MAX_TRIALS):
+        packed = _trial(segments, segment_chart, extent, largest, scale, cell, margin, columns)
+        if packed and packed[0] <= rows:
+            best, fits = Placement(scale, packed[1], packed[2] * cell), scale
+            if packed[0] >= GOOD_FILL * rows:
+                break
+        else:
+            fails = scale
+        wanted = scale_for(boxes(scale) * AIM_FILL * rows / packed[0]) if packed else scale / 2
+        wanted = wanted if fits < wanted < fails else (fits + min(fails, widest)) / 2
+        if wanted in (fits, fails):         # nothing left between them
+            break
+        scale = wanted
+    scale = min(fails, widest)
+    while best is None and scale * longest >= cell:     # nothing fitted: halve until every chart is one cell
+        scale /= 2
+        packed = _trial(segments, segment_chart, extent, largest, scale, cell, margin, columns)
+        if packed and packed[0] <= rows:
+            best = Placement(scale, packed[1], packed[2] * cell)
+    return best
 
 
 def pack(segments: np.ndarray, segment_chart: np.ndarray, extent: np.ndarray, size: int,
          gutter: int) -> Placement:
     """Places charts given by their border `segments` [S, 2, 2] (chart `segment_chart` [S]) in frames with
-    bounding boxes (0, 0)-`extent` [C, 2], world units, in a size x size atlas (see the module doc)."""
-    cell = max(1, math.ceil(gutter / 2))
-    columns = rows = size // cell
-    area = np.prod(extent, axis=1)
-    largest = np.argsort(-area, kind="stable")[:LARGE_CHARTS]
-    longest = float(extent.max(initial=0.0))
-    scale = _first_scale(extent, cell, columns)
-    best = None
-    for _ in range(MAX_TRIALS):
-        packed = _trial(segments, segment_chart, extent, largest, scale, cell, columns)
-        reached = packed[0] if packed else math.inf
-        if reached <= rows and (best is None or scale > best.scale):
-            best = Placement(scale, packed[1], packed[2] * cell)
-            if reached >= GOOD_FILL * rows:
-                break
-        scale *= math.sqrt(AIM_FILL * rows / reached) if packed else 0.5
-    while best is None:                     # no trial fitted: shrink until one does
-        if scale * longest < cell:
-            raise ValueError(f"{extent.shape[0]} charts do not fit a {size}² atlas with {gutter}-texel gutters")
-        scale *= 0.8
-        packed = _trial(segments, segment_chart, extent, largest, scale, cell, columns)
-        if packed and packed[0] <= rows:
-            best = Placement(scale, packed[1], packed[2] * cell)
-    return best
+    bounding boxes (0, 0)-`extent` [C, 2], world units, in a size x size atlas with `gutter` (>= 1) texels
+    between charts, or touching when they are too many for that (see the module doc)."""
+    placed = _search(segments, segment_chart, extent, size, max(1, math.ceil(gutter / 2)), margin=1)
+    if placed is None:
+        placed = _search(segments, segment_chart, extent, size, cell=1, margin=0)
+    if placed is None:
+        raise ValueError(f"{extent.shape[0]} charts do not fit a {size}² atlas even without gutters")
+    return placed
