@@ -40,7 +40,7 @@ ALPHA_PARTIAL_FRACTION = 0.5
 class ExportOptions:
     face_target: int = 200_000
     remesh: bool = True
-    remesh_resolution: int | None = None        # None: `default_remesh_resolution(resolution, face_target)`
+    remesh_resolution: int | None = None        # None: `default_remesh_resolution(...)`, from the face target
     texture_size: int = 2048                    # 512..4096
     normal_map: bool = True
     image_format: Literal["png", "webp"] = "png"
@@ -130,7 +130,7 @@ def export_asset(mesh_vertices, mesh_faces, voxel_coords, voxel_attrs, resolutio
 
     v, f = ref_v, ref_f
     if options.remesh:
-        r = options.remesh_resolution or default_remesh_resolution(resolution, options.face_target)
+        r = options.remesh_resolution or default_remesh_resolution(resolution, options.face_target, len(ref_f))
         v, f = remesh(v, f, r)
         lap("remesh")
     v_np, f_np = decimate(v.cpu().numpy(), f.cpu().numpy(), options.face_target)
