@@ -129,8 +129,9 @@ class Generator:
     def view_fusion(self, options: Options) -> str:
         """How several views condition the cascade (`pipeline.FUSIONS`): the official feature mean for multi-view
         weights (or the visibility-weighted mean when asked); single-view weights (the bundled model, the official
-        single-view release) get view 0's conditioning carved by the views' visual hull: the feature mean is
-        outside what they were trained on and gives broken shapes (measured, BENCHMARKS.md)."""
+        single-view release) get view 0's conditioning on a sparse structure carved by the views' visual hull and
+        completed with its shell: the feature mean is outside what they were trained on and gives broken shapes
+        (measured, BENCHMARKS.md)."""
         if options.visibility_weighted:
             return "visible"
         return "mean" if self.model.pipeline.multiview_weights else "hull"
