@@ -91,3 +91,23 @@ def test_official_configs_build_the_manifest_architecture(key, parity_dir):
     built = {k: (list(v.shape), str(v.dtype).replace("torch.", "")) for k, v in model.state_dict().items()}
     expected = {k: (list(shape), dtype.replace("torch.", "")) for k, shape, dtype in manifest["params"]}
     assert built == expected
+
+
+def test_building_skips_random_initialisation_and_restores_it_after_a_failed_load(tmp_path):
+    """`load_checkpoint` builds without `torch.nn.init` (the strict load overwrites every tensor), and leaves
+    torch's initialisers as they were, also when the load fails."""
+    from pixal3d_backend.loading import initialisation_skipped
+    originals = {n: getattr(torch.nn.init, n) for n in ("normal_", "kaiming_uniform_", "trunc_normal_", "zeros_")}
+    with initialisation_skipped():
+        weight = torch.full((3, 4), 7.0)
+        torch.nn.init.kaiming_uniform_(weight)
+        torch.nn.init.zeros_(weight)
+        assert (weight == 7.0).all()
+    (tmp_path / "m.json").write_text('{"name": "SparseStructureDecoder", "args": {"out_channels": 1, '
+                                     '"latent_channels": 8, "num_res_blocks": 1, "channels": [8, 8]}}')
+    with pytest.raises(CheckpointError, match="missing weights"):
+        load_checkpoint(tmp_path / "m.json", tmp_path / "m.safetensors")
+    assert {n: getattr(torch.nn.init, n) for n in originals} == originals
+    weight = torch.full((3, 4), 7.0)
+    torch.nn.init.zeros_(weight)
+    assert (weight == 0).all()

@@ -18,6 +18,8 @@ the blocks in fp16). This is what the official `convert_to_fp16/bf16` after load
 """
 from __future__ import annotations
 
+import contextlib
+
 import json
 import os
 from dataclasses import dataclass
@@ -121,10 +123,28 @@ def load_state_dict_strict(model: torch.nn.Module, tensors: dict[str, torch.Tens
             dst.copy_(tensors[k].to(dst.dtype) if not dst.is_complex() else tensors[k])
 
 
+@contextlib.contextmanager
+def initialisation_skipped():
+    """`torch.nn.init`'s functions do nothing inside this block. Random initialisation is wasted work for a model
+    whose every parameter and persistent buffer the strict load then overwrites (it would fail otherwise), and it
+    is most of the build time of a large model on a CPU."""
+    names = [n for n in dir(torch.nn.init) if n.endswith("_") and not n.startswith("_")]
+    saved = {n: getattr(torch.nn.init, n) for n in names}
+    for n in names:
+        setattr(torch.nn.init, n, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for n, fn in saved.items():
+            setattr(torch.nn.init, n, fn)
+
+
 def load_checkpoint(config_path: Path, weights_path: Path, device: str | torch.device = "cpu") -> torch.nn.Module:
-    """Builds the model of `<name>.json` and loads `<name>.safetensors` into it strictly."""
+    """Builds the model of `<name>.json` (without a random initialisation) and loads `<name>.safetensors` into it
+    strictly."""
     config = read_json(config_path)
-    model = build_model(config)
+    with initialisation_skipped():
+        model = build_model(config)
     if not weights_path.is_file():
         raise CheckpointError(f"missing weights {weights_path} for {config_path.name}")
     with safe_open(str(weights_path), framework="pt", device="cpu") as f:
