@@ -99,3 +99,34 @@ def test_low_vram_mode_computes_the_resident_result_and_keeps_weights_pinned_on_
     assert all(t.device.type == "cpu" and t.is_pinned() for t in weights)
     # (the bundled model's weights are too small beside its activations for a peak comparison: `pixal3d bench
     # --low-vram` measures that on the full-size architecture)
+
+
+def test_low_vram_is_the_default_on_gpus_under_32_gib_and_the_flag_decides_otherwise(monkeypatch):
+    """`pixal3d serve/generate/eval`: no flag -> low-VRAM on a GPU with less than 32 GiB (the full-size cascade
+    peaks at ~20 GiB resident), off on larger GPUs and on the CPU; `--low-vram` / `--no-low-vram` decide."""
+    import argparse
+
+    from pixal3d_backend import service
+    assert service.default_low_vram("cpu") is False
+
+    class Properties:                       # what torch.cuda.get_device_properties reports (no GPU here)
+        total_memory = 24 * 2 ** 30
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Properties)
+    assert service.default_low_vram("cuda:0") is True
+    Properties.total_memory = 80 * 2 ** 30
+    assert service.default_low_vram("cuda") is False
+    parser = argparse.ArgumentParser()
+    service.add_model_arguments(parser)
+    assert [parser.parse_args(flags).low_vram for flags in ([], ["--low-vram"], ["--no-low-vram"])] == [None, True, False]
+
+
+def test_a_job_that_asks_for_low_vram_switches_the_backend_to_it():
+    """The add-on's "Low VRAM" option (protocol `Options.low_vram`) reaches the backend: the job runs in low-VRAM
+    mode, and so does every later job."""
+    import dataclasses
+
+    from pixal3d_backend import protocol
+    generator = Generator(load_model(device="cpu"))
+    request = protocol.check(protocol.SubmitRequest([square_view()], dataclasses.replace(QUICK, low_vram=True)))
+    generation = generator.run(request, lambda *_: None, lambda: False)
+    assert generator.low_vram is True and len(generation.asset.faces) > 0

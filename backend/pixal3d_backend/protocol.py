@@ -473,7 +473,8 @@ class Options:
     unwrap: str = _option("charts", choices=("charts", "xatlas"), added=True,
                           doc="texture layout: charts (faces grouped by the axis they face; about a second) or "
                               "xatlas (organic charts; a minute at 100k faces, more beyond)")
-    low_vram: bool = _option(False, doc="keep models on the CPU between stages (slower, about half the VRAM)")
+    low_vram: bool = _option(False, doc="keep models in host memory between stages, from this job on (about 3 % "
+                                        "slower on a GPU, a third of the VRAM)")
     visibility_weighted: bool = _option(False, added=True,
                                         doc="several views: average each voxel's features only over the views "
                                             "that see it inside their frame (default: multi-view weights average "

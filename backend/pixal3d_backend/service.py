@@ -55,7 +55,7 @@ class Generator:
 
     def use_low_vram(self) -> None:
         """From now on each model stays on the CPU except during its own stage (the server's answer to running
-        out of GPU memory: slower, about half the VRAM)."""
+        out of GPU memory, or a job that asks for it: about 3 % slower on an H200, a third of the VRAM)."""
         self.model.pipeline.enable_low_vram()
 
     def capabilities(self) -> dict:
@@ -96,6 +96,8 @@ class Generator:
             images.append(image)
         rig = self.rig(request.views, images)
         fusion = self.view_fusion(options)
+        if options.low_vram and not self.low_vram:
+            self.use_low_vram()      # asked for by a client with little VRAM: from now on, for every job
         t0 = time.perf_counter()
         try:
             out = self.model.pipeline.run(
@@ -170,11 +172,30 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+# GPUs with less memory than this keep the models in pinned host memory between stages unless told otherwise: the
+# full-size cascade peaks at 19.8 GiB (1024) / 21.9 GiB (1536) with every model resident and at 7.4 / 9.3 GiB in
+# low-VRAM mode, which costs about 3 % more time on an H200 (BENCHMARKS.md).
+LOW_VRAM_BELOW_GIB = 32
+
+
+def default_low_vram(device: str | torch.device) -> bool:
+    device = torch.device(device)
+    if device.type != "cuda":
+        return False
+    return torch.cuda.get_device_properties(device).total_memory < LOW_VRAM_BELOW_GIB * 2 ** 30
+
+
+def load_model_from_arguments(a: argparse.Namespace) -> LoadedModel:
+    """The model of `--model` (default: the bundled one) on `--device`, low-VRAM per `--[no-]low-vram` or, when
+    neither is given, `default_low_vram`."""
+    device = a.device or default_device()
+    low_vram = a.low_vram if a.low_vram is not None else default_low_vram(device)
+    return load_model(a.model, device=device, low_vram=low_vram, dinov3_path=a.dinov3, naf_path=a.naf)
+
+
 def create_generator(args: argparse.Namespace) -> Generator:
     """Used by `pixal3d serve`: loads the model once; the server keeps it warm between jobs."""
-    model = load_model(args.model, device=args.device or default_device(), low_vram=args.low_vram,
-                       dinov3_path=args.dinov3, naf_path=args.naf)
-    return Generator(model)
+    return Generator(load_model_from_arguments(args))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -188,7 +209,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dinov3", help="local DINOv3 ViT-L/16 folder (official models only)")
     p.add_argument("--naf", help="local naf_release.pth (official models only)")
     p.add_argument("--device", default=None)
-    p.add_argument("--low-vram", action="store_true")
+    p.add_argument("--low-vram", action=argparse.BooleanOptionalAction, default=None,
+                   help=f"keep models in host memory between stages (default: on for GPUs under {LOW_VRAM_BELOW_GIB} GiB)")
     for f in dataclasses.fields(Options):
         if f.name != "low_vram":
             p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default) if not isinstance(f.default, bool)
@@ -198,8 +220,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 def model_from_arguments(a: argparse.Namespace) -> tuple[LoadedModel, dict]:
     """The loaded model and the generation options given on the command line (the rest: the model's defaults)."""
-    model = load_model(a.model, device=a.device or default_device(), low_vram=a.low_vram, dinov3_path=a.dinov3,
-                       naf_path=a.naf)
+    model = load_model_from_arguments(a)
     given = {f.name: getattr(a, f.name) for f in dataclasses.fields(Options)
              if f.name != "low_vram" and getattr(a, f.name) is not None}
     return model, {**model.default_options, **given}
