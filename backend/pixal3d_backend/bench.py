@@ -267,11 +267,11 @@ def plain_pytorch(pipe: Pixal3DPipeline):
     and CFG as two forwards, as the official code runs it."""
     saved = {k: os.environ.get(k) for k in ("PIXAL3D_KERNELS", "PIXAL3D_SPARSE_CONV")}
     os.environ.update(PIXAL3D_KERNELS="torch", PIXAL3D_SPARSE_CONV="torch")
-    pipe.batch_cfg = False
+    batch_cfg, pipe.batch_cfg = pipe.batch_cfg, False
     try:
         yield
     finally:
-        pipe.batch_cfg = True
+        pipe.batch_cfg = batch_cfg
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)

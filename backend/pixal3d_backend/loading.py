@@ -19,7 +19,6 @@ the blocks in fp16). This is what the official `convert_to_fp16/bf16` after load
 from __future__ import annotations
 
 import contextlib
-
 import json
 import os
 from dataclasses import dataclass

@@ -136,8 +136,7 @@ def visual_hull_shell(silhouettes: torch.Tensor, cameras: Sequence[ViewCamera]) 
     filling the hull would have. Where the single-view model guessed a part's depth wrong, carving removed it; the
     shell puts tokens where every view says the object is."""
     r = SS_RESOLUTION
-    grid = torch.stack(torch.meshgrid(*[torch.arange(r, device=silhouettes.device)] * 3, indexing="ij"), -1)
-    coords = torch.cat([torch.zeros(r ** 3, 1, dtype=torch.int32, device=grid.device), grid.reshape(-1, 3).int()], 1)
+    coords = grid_coords(r, silhouettes.device)
     solid = torch.nn.functional.pad(inside_every_view(coords, silhouettes, cameras).view(r, r, r), (1,) * 6)
     interior = solid[1:-1, 1:-1, 1:-1].clone()
     for axis in range(3):
@@ -145,6 +144,12 @@ def visual_hull_shell(silhouettes: torch.Tensor, cameras: Sequence[ViewCamera]) 
             interior &= solid.narrow(axis, shift, r).narrow((axis + 1) % 3, 1, r).narrow((axis + 2) % 3, 1, r)
     shell = solid[1:-1, 1:-1, 1:-1] & ~interior
     return coords[shell.reshape(-1)]
+
+
+def grid_coords(r: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Every cell of an r^3 grid as sparse coords [r^3, 4] int32 (batch 0), in the dense order ix*r*r + iy*r + iz."""
+    grid = torch.stack(torch.meshgrid(*[torch.arange(r, device=device)] * 3, indexing="ij"), -1).reshape(-1, 3)
+    return torch.cat([torch.zeros(r ** 3, 1, dtype=torch.int32, device=device), grid.int()], 1)
 
 
 def _weights(module: torch.nn.Module):
@@ -312,8 +317,7 @@ class Pixal3DPipeline:
         """Dense SS flow on the r^3 latent (tokens in order ix*r*r+iy*r+iz) -> occupied 32^3 coords [N, 4]."""
         flow = self._flow("sparse_structure_flow_model", run)
         r = flow.resolution
-        grid = torch.stack(torch.meshgrid(*[torch.arange(r)] * 3, indexing="ij"), -1).reshape(-1, 3)
-        coords = torch.cat([torch.zeros(grid.shape[0], 1, dtype=torch.int32), grid.int()], 1).to(self.device)
+        coords = grid_coords(r, self.device)
         cond, neg = self._condition("image_cond_model_ss", run, coords, r)
         cond["proj"], neg["proj"] = cond["proj"][None], neg["proj"][None]
         noise = torch.randn(1, flow.in_channels, r, r, r, generator=run.generator).to(self.device)
