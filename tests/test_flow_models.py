@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from conftest import PARITY_DIR
+from pixal3d_kernels.dit_pointwise import rms_norm_rope
 from pixal3d_backend.models import build_model
-from pixal3d_backend.models.attention import MultiHeadRMSNorm, VarLenLayout, apply_rope, attention, rope_phases
+from pixal3d_backend.models.attention import VarLenLayout, attention, rope_phases
 from pixal3d_backend.models.flow_dit import SLatFlowModel, SparseStructureFlowModel
 from pixal3d_backend.sampler import (STAGE_DEFAULTS, Cancelled, FlowEulerGuidanceIntervalSampler, per_sample_std,
                                      timesteps)
@@ -45,7 +46,7 @@ def test_rope_rotates_consecutive_pairs_and_preserves_norms():
     expected_angles = torch.tensor([3, 3 * f1, 5, 5 * f1, 7, 7 * f1, 0, 0])
     torch.testing.assert_close(phases[0].angle(), torch.atan2(expected_angles.sin(), expected_angles.cos()))
     x = torch.randn(1, 4, head_dim)                                  # [T, H, d]
-    y = apply_rope(x, phases)
+    y = rms_norm_rope(x, None, phases)
     torch.testing.assert_close(y.unflatten(-1, (-1, 2)).norm(dim=-1), x.unflatten(-1, (-1, 2)).norm(dim=-1))
     torch.testing.assert_close(y[..., 12:], x[..., 12:])            # zero-angle padding leaves them untouched
 
@@ -56,17 +57,15 @@ def test_rope_scores_depend_only_on_relative_position():
     shift = torch.tensor([[5, 11, 2]])
 
     def score(pq, pk):
-        return (apply_rope(q, rope_phases(pq, 24)) * apply_rope(k, rope_phases(pk, 24))).sum()
+        return (rms_norm_rope(q, None, rope_phases(pq, 24)) * rms_norm_rope(k, None, rope_phases(pk, 24))).sum()
     torch.testing.assert_close(score(a, b), score(a + shift, b + shift), rtol=1e-5, atol=1e-5)
     assert not torch.allclose(score(a, b), score(a, b + shift), rtol=1e-3)
 
 
 def test_rms_norm_normalises_each_head_in_fp32_and_keeps_the_dtype():
-    norm = MultiHeadRMSNorm(head_dim=8, num_heads=3)
-    with torch.no_grad():
-        norm.gamma.copy_(torch.arange(1, 4.0)[:, None].expand(3, 8))
+    gamma = torch.arange(1, 4.0)[:, None].expand(3, 8)
     x = torch.randn(5, 3, 8, dtype=torch.bfloat16) * 100
-    y = norm(x)
+    y = rms_norm_rope(x, gamma, None)
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y.float().norm(dim=-1), (torch.arange(1, 4.0) * math.sqrt(8)).expand(5, 3),
                                rtol=1e-2, atol=0)
@@ -130,6 +129,36 @@ def test_dense_and_sparse_models_agree_on_the_full_grid():
         out_sparse = sparse(SparseTensor(tokens(x), coords), t,
                             {"global": glob, "proj": SparseTensor(proj.flatten(0, 1), coords)})
     torch.testing.assert_close(out_sparse.feats, tokens(out_dense), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["dense pair", "packed pair", "packed unequal"])
+def test_fused_block_kernels_give_the_reference_output(monkeypatch, case):
+    """The blocks' fused pointwise kernels (`pixal3d_kernels.dit_pointwise`; interpreted on CPU, compiled on a GPU)
+    in the whole model: the dense grid, a CFG pair of one sparse sample (one modulation row per sample) and unequal
+    packed samples (one row per token) give the reference path's output."""
+    pytest.importorskip("triton")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator().manual_seed(3)
+    rand = lambda *shape: torch.randn(*shape, generator=gen).to(device)
+    t, glob = torch.tensor([900.0, 150.0], device=device), rand(2, 5, 16)
+    if case == "dense pair":
+        model, r = _randomized(SparseStructureFlowModel(**SMALL)).to(device), SMALL["resolution"]
+        args = (rand(2, 8, r, r, r), t, {"global": glob, "proj": rand(2, r ** 3, 12)})
+    else:
+        model = _randomized(SLatFlowModel(**SMALL)).to(device)
+        one = torch.unique(torch.randint(0, 6, (40, 3), generator=gen), dim=0)
+        other = one if case == "packed pair" else one[:17]
+        coords = torch.cat([torch.cat([torch.full((len(c), 1), b), c], 1) for b, c in enumerate((one, other))])
+        coords = coords.int().to(device)
+        args = (SparseTensor(rand(len(coords), 8), coords), t,
+                {"global": glob, "proj": SparseTensor(rand(len(coords), 12), coords)})
+
+    def run(kernels):
+        monkeypatch.setenv("PIXAL3D_KERNELS", kernels)
+        with torch.no_grad():
+            out = model(*args)
+        return out if case == "dense pair" else out.feats
+    torch.testing.assert_close(run("triton"), run("torch"), rtol=1e-4, atol=1e-4)
 
 
 def test_bf16_model_keeps_only_block_linears_in_bf16():

@@ -32,7 +32,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..sparse import SparseTensor
+from pixal3d_kernels.dit_pointwise import gated_residual
+
 from .attention import CrossAttention, SelfAttention, VarLenLayout, rope_phases
+from .norms import LayerNorm32
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -42,26 +45,18 @@ class TokenLayout:
     """Where the tokens of one forward pass sit in `h`; built once and shared by every block.
 
     `self_attn is None` means dense tokens h [B, L, C]; otherwise h is packed [N, C] with per-sample lengths.
+    Per-sample vectors (the adaLN modulation) apply to groups of `rows_per_group` consecutive rows of h: a
+    sample's tokens, or single tokens (with the vectors gathered per token) when packed samples differ in length.
     """
     rope_phases: torch.Tensor            # complex64 [L or N, head_dim // 2]
     self_attn: VarLenLayout | None       # tokens -> tokens
     cross_attn: VarLenLayout | None      # tokens -> global condition tokens
-    batch_index: torch.Tensor | None     # packed with more than one sample: the sample of each row
+    rows_per_group: int
+    batch_index: torch.Tensor | None     # packed samples of unequal lengths: the sample of each row
 
-    def per_token(self, v: torch.Tensor) -> torch.Tensor:
-        """Broadcasts per-sample vectors [B, K] against the tokens."""
-        if self.self_attn is None:
-            return v[:, None]
-        if self.batch_index is None:     # a single packed sample: [1, K] broadcasts over [N, K]
-            return v
-        return v[self.batch_index]
-
-
-class LayerNorm32(nn.LayerNorm):
-    """LayerNorm computed in fp32 whatever the activation dtype (official `LayerNorm32`)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.float()).to(x.dtype)
+    def per_group(self, v: torch.Tensor) -> torch.Tensor:
+        """Per-sample vectors [B, K] -> one row per group of `rows_per_group` token rows."""
+        return v if self.batch_index is None else v[self.batch_index]
 
 
 class TimestepEmbedder(nn.Module):
@@ -119,13 +114,14 @@ class ModulatedTransformerBlock(nn.Module):
 
     def forward(self, h: torch.Tensor, mod: torch.Tensor, context: torch.Tensor, proj: torch.Tensor,
                 tokens: TokenLayout) -> torch.Tensor:
-        mod = tokens.per_token((self.modulation + mod).to(mod.dtype))
+        mod = tokens.per_group((self.modulation + mod).to(mod.dtype))
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=-1)
-        x = self.norm1(h) * (1 + scale_msa) + shift_msa
-        h = h + gate_msa * self.self_attn(x, tokens.rope_phases, tokens.self_attn)
+        rows = tokens.rows_per_group
+        x = self.norm1.modulated(h, shift_msa, scale_msa, rows)
+        h = gated_residual(h, gate_msa, self.self_attn(x, tokens.rope_phases, tokens.self_attn), rows)
         h = h + self.cross_attn(self.norm2(h), context, proj, tokens.cross_attn)
-        x = self.norm3(h) * (1 + scale_mlp) + shift_mlp
-        return h + gate_mlp * self.mlp(x)
+        x = self.norm3.modulated(h, shift_mlp, scale_mlp, rows)
+        return gated_residual(h, gate_mlp, self.mlp(x), rows)
 
 
 class FlowTransformer(nn.Module):
@@ -237,7 +233,8 @@ class SparseStructureFlowModel(FlowTransformer):
         if cond["proj"].shape[:2] != (x.shape[0], r ** 3):
             raise ValueError(f"cond['proj'] must be [B, {r ** 3}, C] (one row per grid cell), "
                              f"got {tuple(cond['proj'].shape)}")
-        tokens = TokenLayout(self.rope_phases, self_attn=None, cross_attn=None, batch_index=None)
+        tokens = TokenLayout(self.rope_phases, self_attn=None, cross_attn=None, rows_per_group=r ** 3,
+                             batch_index=None)
         h = self._denoise(x.flatten(2).transpose(1, 2), t, cond["global"], cond["proj"], tokens)
         return h.transpose(1, 2).reshape(x.shape[0], self.out_channels, r, r, r)
 
@@ -272,9 +269,11 @@ class SLatFlowModel(FlowTransformer):
         key = ("flow_token_layout", self.head_dim, self.rope_freq, context_len)
         if key not in x.cache:
             lens = tuple(s.stop - s.start for s in x.layout)
+            equal = len(set(lens)) == 1          # one sample, or a CFG pair of one sample
             x.cache[key] = TokenLayout(
                 rope_phases=rope_phases(x.coords[:, 1:], self.head_dim, self.rope_freq),
                 self_attn=VarLenLayout(lens, lens),
                 cross_attn=VarLenLayout(lens, (context_len,) * len(lens)),
-                batch_index=x.batch_index if len(lens) > 1 else None)
+                rows_per_group=lens[0] if equal else 1,
+                batch_index=None if equal else x.batch_index)
         return x.cache[key]

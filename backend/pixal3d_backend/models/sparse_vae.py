@@ -20,16 +20,10 @@ from torch import nn
 from ..mesh import VoxelMesh, flexible_dual_grid_to_mesh
 from ..sparse import SparseTensor
 from ..sparse_conv import SubMConv3d
+from .norms import LayerNorm32
 
 # child k of a voxel sits at 2 * parent + CHILD_OFFSETS[k], k = ox + 2*oy + 4*oz
 CHILD_OFFSETS = torch.tensor([[k & 1, (k >> 1) & 1, (k >> 2) & 1] for k in range(8)], dtype=torch.int32)
-
-
-class LayerNorm32(nn.LayerNorm):
-    """LayerNorm computed in fp32, returned in the input dtype."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.float()).to(x.dtype)
 
 
 def channel_to_space(x: SparseTensor, keep: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models.sparse_vae import LayerNorm32, SparseConvNeXtBlock3d
+from ..models.norms import LayerNorm32
+from ..models.sparse_vae import SparseConvNeXtBlock3d
 from ..models.ss_decoder import ChannelLayerNorm32, ResBlock3d
 from ..sparse import SparseTensor
 from ..sparse_conv import SubMConv3d
