@@ -10,12 +10,15 @@ Tokens come in two layouts and every module here accepts both:
 """
 from __future__ import annotations
 
-import math
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from pixal3d_kernels.dit_pointwise import rms_norm_rope
 
 
 @dataclass(frozen=True)
@@ -34,9 +37,29 @@ class VarLenLayout:
         return len(set(self.q_lens)) <= 1 and len(set(self.kv_lens)) <= 1
 
 
+SDPA_BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+                 "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+
+
+def sdpa_backend_order() -> list[SDPBackend] | None:
+    """`PIXAL3D_SDPA` (comma-separated names of `SDPA_BACKENDS`, first preferred) or None for PyTorch's own order.
+    Why a knob: cuDNN's attention is the fastest on Hopper but builds an execution plan for every new sequence
+    length (a sparse flow's token count changes with every object), which flash attention does not."""
+    names = [n.strip().lower() for n in os.environ.get("PIXAL3D_SDPA", "").split(",") if n.strip()]
+    unknown = [n for n in names if n not in SDPA_BACKENDS]
+    if unknown:
+        raise ValueError(f"PIXAL3D_SDPA: unknown attention backends {unknown}; known: {sorted(SDPA_BACKENDS)}")
+    return [SDPA_BACKENDS[n] for n in names] or None
+
+
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """[B, L, H, d] in and out; SDPA wants heads before tokens."""
-    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    order = sdpa_backend_order() if q.is_cuda else None
+    if order is None:
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+    with sdpa_kernel(order, set_priority=True):
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: VarLenLayout | None) -> torch.Tensor:
@@ -56,15 +79,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: VarLenL
 
 
 class MultiHeadRMSNorm(nn.Module):
-    """Per-head RMS norm of q or k: `normalize(x) * gamma[H, d] * sqrt(d)`, computed in fp32."""
+    """Per-head RMS norm of q or k: `normalize(x) * gamma[H, d] * sqrt(d)`, computed in fp32 (the gamma is read by
+    `pixal3d_kernels.dit_pointwise.rms_norm_rope`, which fuses it with RoPE)."""
 
     def __init__(self, head_dim: int, num_heads: int):
         super().__init__()
-        self.scale = math.sqrt(head_dim)
         self.gamma = nn.Parameter(torch.ones(num_heads, head_dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (F.normalize(x.float(), dim=-1) * self.gamma * self.scale).to(x.dtype)
 
 
 def rope_phases(coords: torch.Tensor, head_dim: int, rope_freq: tuple[float, float] = (1.0, 10000.0)) -> torch.Tensor:
@@ -79,12 +99,6 @@ def rope_phases(coords: torch.Tensor, head_dim: int, rope_freq: tuple[float, flo
     angles = (coords.float()[:, :, None] * freqs).flatten(1)
     angles = F.pad(angles, (0, head_dim // 2 - angles.shape[1]))
     return torch.polar(torch.ones_like(angles), angles)
-
-
-def apply_rope(x: torch.Tensor, phases: torch.Tensor) -> torch.Tensor:
-    """Rotates consecutive channel pairs (2m, 2m+1) of x [..., T, H, d] by phases [T, d/2], in fp32."""
-    x_complex = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
-    return torch.view_as_real(x_complex * phases.unsqueeze(-2)).flatten(-2).to(x.dtype)
 
 
 class _MultiHeadAttention(nn.Module):
@@ -102,8 +116,11 @@ class _MultiHeadAttention(nn.Module):
         self.qk_rms_norm = qk_rms_norm
         self.to_out = nn.Linear(channels, channels)
 
-    def _normed(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return (self.q_rms_norm(q), self.k_rms_norm(k)) if self.qk_rms_norm else (q, k)
+    def _normed(self, q: torch.Tensor, k: torch.Tensor, phases: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """q and k [..., T, H, d] through the optional RMS norms, then RoPE by `phases` [T, d/2] (None: none)."""
+        q_gamma, k_gamma = (self.q_rms_norm.gamma, self.k_rms_norm.gamma) if self.qk_rms_norm else (None, None)
+        return rms_norm_rope(q, q_gamma, phases), rms_norm_rope(k, k_gamma, phases)
 
 
 class SelfAttention(_MultiHeadAttention):
@@ -116,9 +133,7 @@ class SelfAttention(_MultiHeadAttention):
     def forward(self, x: torch.Tensor, phases: torch.Tensor | None, layout: VarLenLayout | None) -> torch.Tensor:
         """x [B, L, C] (layout None) or packed [N, C]; phases [L or N, d/2] or None for no RoPE."""
         q, k, v = self.to_qkv(x).unflatten(-1, (3, self.num_heads, -1)).unbind(-3)
-        q, k = self._normed(q, k)
-        if phases is not None:
-            q, k = apply_rope(q, phases), apply_rope(k, phases)
+        q, k = self._normed(q, k, phases)
         return self.to_out(attention(q, k, v, layout).flatten(-2))
 
 
