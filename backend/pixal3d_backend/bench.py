@@ -25,6 +25,8 @@ import torch
 from PIL import Image
 
 from .conditioning.image_encoder import DinoV3ProjFeatureExtractor
+from .export import ExportOptions, export_asset
+from .mesh import orient_outward
 from .conditioning.naf import NAF
 from .camera import ViewCamera
 from .models import build_model
@@ -195,9 +197,12 @@ def profile_summary(prof, wall_seconds: float, top: int = 8) -> dict:
 
 
 def run_bench(resolution: int, device: torch.device, seed: int = 0, low_vram: bool = False,
-              pipe: Pixal3DPipeline | None = None, profile: bool = False) -> dict:
+              pipe: Pixal3DPipeline | None = None, profile: bool = False,
+              exports: tuple[tuple[int, int], ...] = ()) -> dict:
     """One cascade at `resolution`, stage by stage; `profile` adds a torch.profiler summary to each stage's row
-    (slower: time it apart from the measured runs)."""
+    (slower: time it apart from the measured runs). `exports` (faces, texture size): the decoded mesh then goes
+    through the service's export (outward winding + `export_asset`, protocol defaults otherwise) for each case,
+    timed apart from the neural stages: `to_textured_mesh_seconds` is neural time + that export."""
     pipe = pipe or random_pipeline(device, low_vram)
     image, camera, coords32, hr, subs = object_structure(seed, resolution, device)
     rows = []
@@ -235,9 +240,57 @@ def run_bench(resolution: int, device: torch.device, seed: int = 0, low_vram: bo
                     tokens=hr.shape[0])
         mesh = stage("decode", pipe.decode, shape, tex, resolution, subs, tokens=hr.shape[0])
     total = sum(r["seconds"] for r in rows)
-    return {"resolution": resolution, "low_vram": low_vram, "rows": rows, "total_seconds": total,
-            "neural_seconds": total, "decoded_voxels": int(mesh.coords.shape[0]),
-            "faces": int(mesh.faces.shape[0]), "peak_gib": max(r["peak_gib"] for r in rows)}
+    result = {"resolution": resolution, "low_vram": low_vram, "rows": rows, "total_seconds": total,
+              "neural_seconds": total, "decoded_voxels": int(mesh.coords.shape[0]),
+              "faces": int(mesh.faces.shape[0]), "peak_gib": max(r["peak_gib"] for r in rows), "exports": []}
+    for faces, texture in exports:
+        synchronize(device)
+        t0 = time.perf_counter()
+        oriented = orient_outward(mesh)
+        asset = export_asset(oriented.vertices, oriented.faces, oriented.coords, oriented.attrs, resolution,
+                             ExportOptions(face_target=faces, texture_size=texture, normal_map=False), device)
+        dt = time.perf_counter() - t0
+        result["exports"].append({"faces": faces, "texture_size": texture, "seconds": dt,
+                                  "faces_out": int(asset.faces.shape[0]), "steps": asset.timings,
+                                  "to_textured_mesh_seconds": total + dt})
+    return result
+
+
+def attention_backend_costs(device: torch.device, tokens: int, heads: int = 24, head_dim: int = 64,
+                            context: int = 5, new_lengths: int = 3) -> list[dict]:
+    """What each SDPA backend costs a job whose token count it has not seen: the first self- and cross-attention
+    call at each of `new_lengths` fresh lengths near `tokens` (a CFG pair, bf16, the flows' head size), against
+    the median of repeated calls at the last one. cuDNN builds an execution plan per new shape; flash does not."""
+    from torch.nn.attention import sdpa_kernel
+
+    from .models.attention import SDPA_BACKENDS
+
+    rows = []
+    for offset, name in enumerate(("cudnn", "flash", "efficient")):
+        def call(n, kv):
+            q = torch.randn(2, heads, n, head_dim, device=device, dtype=torch.bfloat16)
+            k = torch.randn(2, heads, kv or n, head_dim, device=device, dtype=torch.bfloat16)
+            synchronize(device)
+            t0 = time.perf_counter()
+            torch.nn.functional.scaled_dot_product_attention(q, k, k)
+            synchronize(device)
+            return 1e3 * (time.perf_counter() - t0)
+        try:
+            with sdpa_kernel([SDPA_BACKENDS[name]]):
+                lengths = [tokens + 17 * (offset * new_lengths + i) + 1 for i in range(new_lengths)]
+                first = [call(n, 0) + call(n, context) for n in lengths]
+                steady = sorted(call(lengths[-1], 0) + call(lengths[-1], context) for _ in range(5))[2]
+        except RuntimeError as e:          # a backend this GPU / build lacks
+            rows.append({"backend": name, "error": str(e).splitlines()[0]})
+            continue
+        rows.append({"backend": name, "tokens": tokens, "first_call_ms": first, "steady_ms": steady})
+    for r in rows:
+        if "error" in r:
+            print(f"attention {r['backend']:<10} unavailable: {r['error']}")
+        else:
+            print(f"attention {r['backend']:<10} self+cross at {r['tokens']:,} tokens: steady {r['steady_ms']:.1f} ms, "
+                  f"first call at a new length {', '.join(f'{v:.1f}' for v in r['first_call_ms'])} ms")
+    return rows
 
 
 def print_table(result: dict, ceiling: float) -> None:
@@ -250,6 +303,10 @@ def print_table(result: dict, ceiling: float) -> None:
               f"{(f'{tf:.0f}' if tf else ''):>9}{(f'{100 * tf / ceiling:.0f}' if tf else ''):>8}"
               f"{r['peak_gib']:>10.2f}")
     print(f"{'total':<18}{result['total_seconds']:>8.2f}{'':>31}{result['peak_gib']:>10.2f}")
+    for e in result["exports"]:
+        steps = ", ".join(f"{k} {v:.2f}" for k, v in e["steps"].items())
+        print(f"export {e['faces']:,} faces / {e['texture_size']}^2: {e['seconds']:.2f} s ({steps}) -> "
+              f"textured mesh {e['to_textured_mesh_seconds']:.2f} s after the start of the cascade")
 
 
 def print_profile(result: dict) -> None:
@@ -300,10 +357,17 @@ def main(argv: list[str]) -> int:
     p.add_argument("--reference", action="store_true",
                    help="also run each resolution with our plain-PyTorch paths (no Triton kernels, torch sparse "
                         "conv, CFG as two forwards) in this process, and print the speed-up of each stage side by side")
+    p.add_argument("--export", nargs="+", default=[], metavar="FACES:TEXTURE",
+                   help="also export each run's decoded mesh (e.g. 100000:2048 1000000:4096) and report the time to "
+                        "a textured mesh; needs the export dependencies (xatlas, fast_simplification, trimesh)")
+    p.add_argument("--attention-backends", action="store_true",
+                   help="also time each attention backend (cuDNN, flash, efficient) at new token counts near the HR "
+                        "stage's: the per-job cost of cuDNN's execution-plan builds against each backend's speed")
     p.add_argument("--profile", action="store_true",
                    help="after the measured runs, run each resolution once more under torch.profiler and print/write "
                         "where each stage's GPU time goes (kernel classes, top kernels, idle share)")
     a = p.parse_args(argv)
+    exports = tuple(tuple(int(float(v)) for v in case.split(":")) for case in a.export)
     if not torch.cuda.is_available():
         raise SystemExit("pixal3d bench needs a CUDA GPU")
     device = torch.device("cuda")
@@ -312,8 +376,8 @@ def main(argv: list[str]) -> int:
     pipe = random_pipeline(device, a.low_vram)
     results = []
     for res in a.resolution:
-        run_bench(res, device, a.seed, a.low_vram, pipe)           # warm-up (kernels, allocator, caches)
-        result = run_bench(res, device, a.seed, a.low_vram, pipe)
+        run_bench(res, device, a.seed, a.low_vram, pipe, exports=exports)  # warm-up (kernels, allocator, caches)
+        result = run_bench(res, device, a.seed, a.low_vram, pipe, exports=exports)
         print_table(result, ceiling)
         if a.reference:
             with plain_pytorch(pipe):
@@ -322,11 +386,15 @@ def main(argv: list[str]) -> int:
             print_speedups(result)
         results.append(result)
 
+    hr_tokens = next(r["tokens"] for r in results[0]["rows"] if r["stage"] == "shape_hr")
+    backends = attention_backend_costs(device, hr_tokens) if a.attention_backends else []
+
     def write_json():
         if a.json:
             a.json.write_text(json.dumps({"device": torch.cuda.get_device_name(device), "torch": torch.__version__,
-                                          "host": platform.node(), "ceiling_tflops": ceiling, "results": results},
-                                         indent=1))
+                                          "host": platform.node(), "ceiling_tflops": ceiling, "results": results,
+                                          "attention_backends": backends,
+                                          "sdpa_order": os.environ.get("PIXAL3D_SDPA", "")}, indent=1))
     write_json()
     if a.profile:       # after the measured runs, so the profiler's overhead never touches their figures
         for result in results:

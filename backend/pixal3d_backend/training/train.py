@@ -271,6 +271,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--checkpoint-minutes", type=float, default=3.0)
     args = p.parse_args(argv)
+    # Every flow batch packs a new mix of token counts: cuDNN attention would build an execution plan for each new
+    # shape (the first minutes of a run were ~25x slower per step than its end); flash attention builds none.
+    os.environ.setdefault("PIXAL3D_SDPA", "flash,efficient,math")
     stages = list(configs.STAGES) if "all" in args.stage else args.stage
     for stage, minutes in stage_minutes(stages, args.minutes).items():
         if args.pool is not None and not stage.endswith("_flow"):
