@@ -161,9 +161,10 @@ KERNEL_CLASSES = (      # first match wins; lower-case substrings of CUDA kernel
 
 
 def kernel_class(name: str) -> str:
+    if name.startswith("_") and name.endswith("_kernel"):     # ours: `pixal3d_kernels`' Triton `_..._kernel`s
+        return "triton (ours)"
     lower = name.lower()
-    return next((cls for cls, keys in KERNEL_CLASSES if any(k in lower for k in keys)),
-                "triton (ours)" if "kernel" in lower and "_" in lower and "at::" not in lower else "other")
+    return next((cls for cls, keys in KERNEL_CLASSES if any(k in lower for k in keys)), "other")
 
 
 def busy_microseconds(intervals: list[tuple[float, float]]) -> float:
