@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Kernel checks on the GPU machine: the kernel tests compiled on CUDA (TRITON_INTERPRET unset) and the benchmarks,
 # JSON and logs under $OUT. Run from anywhere:  OUT=/some/dir bash kernels/gpu_check.sh [GROUP ...]
-# Groups: conv (sparse conv + neighbour map), attention (NAF), lift, export; default: all of them (~13 min, more
-# than one device command allows: run them in two calls).
+# Groups: conv (sparse conv + neighbour map), attention (NAF), dit (flow blocks' fused pointwise kernels), lift,
+# export; default: all of them (~13 min, more than one device command allows: run them in two calls).
 # Every section runs under its own time limit and the script goes on when one fails; a summary table ends it.
 # spconv is compared when importable (put its prefix on PYTHONPATH first). Total: about 3 minutes on an H200.
 set -u
@@ -13,7 +13,7 @@ export PYTHONPATH="$PWD/backend:$PWD/kernels${PYTHONPATH:+:$PYTHONPATH}"
 unset TRITON_INTERPRET PIXAL3D_KERNELS
 PY=${PYTHON:-python}
 SUMMARY=()
-GROUPS_WANTED=" ${*:-conv attention lift export} "
+GROUPS_WANTED=" ${*:-conv attention dit lift export} "
 wants() { [[ $GROUPS_WANTED == *" $1 "* ]]; }
 
 # section NAME SECONDS COMMAND...: runs COMMAND with a time limit, log in $OUT/NAME.log (its tail printed)
@@ -44,6 +44,11 @@ if wants attention; then
         --json "$OUT/bench_neighborhood_attention.json"
     section bench_neighborhood_attention_fp16 90 "$PY" -m pixal3d_kernels.bench_neighborhood_attention \
         --dtype float16 --json "$OUT/bench_neighborhood_attention.json"
+fi
+if wants dit; then
+    section dit_pointwise_tests 90 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_dit_pointwise.py \
+        tests/test_flow_models.py -k "pointwise or fused_block"
+    section bench_dit_pointwise 60 "$PY" -m pixal3d_kernels.bench_dit_pointwise --json "$OUT/bench_dit_pointwise.json"
 fi
 
 # --- projection lifting, UV raster + voxel sampling, GPU export (about 4 minutes) ----------------------------
