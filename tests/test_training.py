@@ -146,6 +146,22 @@ def test_resume_is_bit_identical(pool, tmp_path, monkeypatch):
     assert len(norm["mean"]) == len(norm["std"]) == 4
 
 
+def test_decoder_fine_tune_keeps_the_encoder_and_its_latent_normalisation(pool, tmp_path, monkeypatch):
+    """`--freeze-encoder`: the decoder trains on the earlier encoder's latents, so the flows stay valid; the encoder
+    weights and the pipeline's latent normalisation come out unchanged."""
+    first = _trainer("tex_vae", tmp_path, monkeypatch, pool)
+    first.run(minutes=5, resume=False, max_steps=2)
+    before, meta = train.load_weights(tmp_path / "tex_vae" / "weights.safetensors")
+    tuned = train.Trainer("tex_vae", tmp_path, "cpu", overrides=TINY, log_every=1, freeze_encoder=True)
+    tuned.run(minutes=5, resume=False, max_steps=3, init=tmp_path)
+    after, meta_after = train.load_weights(tmp_path / "tex_vae" / "weights.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("tex_encoder."))
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("tex_slat_decoder."))
+    assert meta_after["normalization"] == meta["normalization"] and meta_after["step"] == 3
+    with pytest.raises(ValueError, match="for VAE stages"):
+        train.Trainer("tex_flow", tmp_path, "cpu", overrides=TINY, freeze_encoder=True)
+
+
 def test_export_default_writes_a_strictly_loadable_snapshot(pool, tmp_path, monkeypatch):
     from pixal3d_backend.loading import Snapshot
     from pixal3d_backend.training import export_default

@@ -120,8 +120,11 @@ def latent_statistics(encoder, pool: Views, inputs, chunk: int = 8) -> dict:
 class Trainer:
     def __init__(self, stage: str, out: Path, device: str, seed: int = 0, workers: int = 0,
                  overrides: dict | None = None, log_every: int = 25, checkpoint_minutes: float = 3.0,
-                 pool_dir: Path | None = None):
+                 pool_dir: Path | None = None, freeze_encoder: bool = False):
+        if freeze_encoder and stage not in ("shape_vae", "tex_vae", "ss_vae"):
+            raise ValueError(f"freeze_encoder is for VAE stages, not {stage}")
         self.name, self.dir, self.device = stage, out / stage, torch.device(device)
+        self.freeze_encoder = freeze_encoder
         self.seed, self.workers, self.log_every, self.pool_dir = seed, workers, log_every, pool_dir
         self.checkpoint_seconds = 60 * checkpoint_minutes
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -191,18 +194,31 @@ class Trainer:
 
     def initialise_from(self, source: Path) -> None:
         """Starts from earlier weights (fine-tuning: a new optimiser, step 0): the same stage of an earlier run, or
-        a model snapshot (e.g. the bundled default model) holding the stage's networks."""
+        a model snapshot (e.g. the bundled default model) holding the stage's networks (a snapshot holds no VAE
+        encoder: with `freeze_encoder` only the decoder comes from it)."""
+        keys = [k for k in self.models if not (self.freeze_encoder and k == trained_keys(self.name)[0])]
         if (source / "pipeline.json").is_file():
             loaded = load_model(source, device="cpu")
             networks = {**loaded.pipeline.models, **loaded.pipeline.encoders}
-            missing = [k for k in self.models if k not in networks]
+            missing = [k for k in keys if k not in networks]
             if missing:
                 raise ValueError(f"{source} has no {missing} to initialise stage {self.name} from")
-            for key, net in self.models.items():
-                net.load_state_dict(networks[key].state_dict())
+            for key in keys:
+                self.models[key].load_state_dict(networks[key].state_dict())
         else:
             tensors, _ = load_weights(source / self.name / "weights.safetensors")
-            self.models.load_state_dict({k: v.float() for k, v in tensors.items()})
+            for key in keys:
+                self.models[key].load_state_dict({k: v.float() for k, v in prefixed(tensors, key).items()})
+        self.ema = EMA(self.models)
+
+    def freeze_trained_encoder(self) -> None:
+        """Fine-tunes the decoder alone on the latents of this stage's earlier encoder (OUT/<stage>/weights), so
+        the flows trained on those latents stay valid; the latent normalisation is that encoder's."""
+        key = trained_keys(self.name)[0]
+        tensors, meta = load_weights(self.dir / "weights.safetensors")
+        self.models[key].load_state_dict({k: v.float() for k, v in prefixed(tensors, key).items()})
+        self.models[key].requires_grad_(False)
+        self.normalization = meta.get("normalization", {})
         self.ema = EMA(self.models)
 
     def run(self, minutes: float, resume: bool, max_steps: int | None = None, max_pool_batches: int = 10_000,
@@ -214,7 +230,12 @@ class Trainer:
             self.load()
         elif init is not None:
             self.initialise_from(init)
+        if self.freeze_encoder and not resumed:
+            self.freeze_trained_encoder()
+        elif self.freeze_encoder:
+            self.models[trained_keys(self.name)[0]].requires_grad_(False)
         self.log({"event": "start", "step": self.step, "resumed": resumed, "torch": torch.__version__,
+                  "frozen_encoder": self.freeze_encoder,
                   "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
                   "views_per_step": VIEWS_PER_STEP[self.name], "minutes": minutes,
                   "init": str(init) if init is not None and not resumed else None})
@@ -238,7 +259,7 @@ class Trainer:
 
     def finish(self, pool: Views) -> None:
         """Latent normalisation of the shape/texture VAEs (EMA encoder over the pool), then the final checkpoint."""
-        if self.name in ("shape_vae", "tex_vae"):
+        if self.name in ("shape_vae", "tex_vae") and not self.freeze_encoder:
             key = trained_keys(self.name)[0]
             encoder = build(key, self.overrides).to(self.device).eval()
             encoder.load_state_dict(prefixed(self.ema.state_dict(self.models), key))
@@ -270,6 +291,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--checkpoint-minutes", type=float, default=3.0)
+    p.add_argument("--freeze-encoder", action="store_true",
+                   help="VAE stages: train the decoder alone on the latents of the encoder in OUT/<stage>/weights "
+                        "(keeps the flows trained on those latents valid)")
     args = p.parse_args(argv)
     # Every flow batch packs a new mix of token counts: cuDNN attention would build an execution plan for each new
     # shape (the first minutes of a run were ~25x slower per step than its end); flash attention builds none.
@@ -279,7 +303,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.pool is not None and not stage.endswith("_flow"):
             p.error(f"--pool holds flow training data; stage {stage} generates its own")
         trainer = Trainer(stage, args.out, args.device, args.seed, args.workers,
-                          checkpoint_minutes=args.checkpoint_minutes, pool_dir=args.pool)
+                          checkpoint_minutes=args.checkpoint_minutes, pool_dir=args.pool,
+                          freeze_encoder=args.freeze_encoder)
         trainer.run(minutes, args.resume, args.max_steps, init=args.init)
 
 
