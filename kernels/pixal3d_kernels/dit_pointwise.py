@@ -154,11 +154,15 @@ if triton_importable():
         tl.store(out_ptr + (r[:, None] * heads + head) * D + c[None, :], x.to(dt), mask=tile)
 
 
+def _rows(x: torch.Tensor) -> tuple[int, int]:
+    """(rows, channels) of x [..., C]."""
+    channels = x.shape[-1]
+    return (x.numel() // channels if channels else 0), channels
+
+
 def _modulated_layer_norm_triton(x, weight, bias, shift, scale, rows_per_group, eps):
     x = x.contiguous()
-    channels = x.shape[-1]
-    rows = x.numel() // channels if channels else 0
-    out = torch.empty_like(x)
+    (rows, channels), out = _rows(x), torch.empty_like(x)
     if rows == 0:
         return out
     block_c = triton.next_power_of_2(channels)
@@ -178,9 +182,7 @@ def _gated_residual_triton(h, gate, y, rows_per_group):
     h, y = h.contiguous(), y.contiguous()
     if gate.stride(-1) != 1:
         gate = gate.contiguous()
-    channels = h.shape[-1]
-    rows = h.numel() // channels if channels else 0
-    out = torch.empty_like(h)
+    (rows, channels), out = _rows(h), torch.empty_like(h)
     if rows == 0:
         return out
     block_c = min(256, triton.next_power_of_2(channels))
@@ -221,8 +223,7 @@ def _kernel_runs(*tensors: torch.Tensor | None) -> bool:
 
 
 def _check_groups(x: torch.Tensor, vectors: torch.Tensor, rows_per_group: int, what: str) -> None:
-    channels = x.shape[-1]
-    rows = x.numel() // channels if channels else 0
+    rows, channels = _rows(x)
     if vectors.dim() != 2 or vectors.shape[1] != channels or rows_per_group * vectors.shape[0] != rows:
         raise ValueError(f"{what} must be [G, {channels}] with G x {rows_per_group} = {rows} rows of x, "
                          f"got {tuple(vectors.shape)}")
