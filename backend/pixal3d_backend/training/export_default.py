@@ -131,7 +131,9 @@ def model_card(run: Path, evaluation: dict, models: dict[str, dict], sizes: dict
         "Phases: a stage's later phase starts from the weights of the earlier one (`train.py --init`) with a new "
         "optimiser. The flows' first phase saw whole renders at their own FOV; their second phase sees crop views "
         "(`data.views.crop_view`): the crop of 1.1x the object's box at the crop's FOV and the 'object fills the "
-        "frame' distance, which is the camera relation inference builds from an image.", "",
+        "frame' distance, which is the camera relation inference builds from an image. A VAE's later phases train "
+        "its decoder alone on the first phase's frozen encoder (`train.py --freeze-encoder`), so the latents the "
+        "flows learnt stay valid.", "",
         "## Training", "",
         f"Hardware: {', '.join(hardware)}. AdamW, bf16 autocast, EMA 0.999; each stage trains on a pool of "
         "generated views.", "",
@@ -148,8 +150,9 @@ def model_card(run: Path, evaluation: dict, models: dict[str, dict], sizes: dict
         "## Limitations", "",
         "Trained for minutes on procedural objects only: expect coarse geometry and flat textures on real photos, "
         "thin parts and concavities that the 32^3 tokens and the 256^3 decoder cannot resolve, and no knowledge of "
-        "real object categories. It exists so that the product works offline; use the official weights for "
-        "quality.", "",
+        "real object categories. Colours come out washed towards the data's mean colour (the texture VAE's latents "
+        "carry little colour: its decoder alone could not learn more). It exists so that the product works "
+        "offline; use the official weights for quality.", "",
     ]
     return "\n".join(lines)
 
