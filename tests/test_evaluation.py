@@ -194,9 +194,10 @@ def test_oracle_scores_near_perfect_geometry(tmp_path):
 @pytest.mark.slow
 def test_default_model_beats_its_measured_floor(tmp_path):
     """The shipped model on held-out object 0. Measured on 2026-11-21 (BENCHMARKS.md, `pixal3d eval --objects 3`):
-    IoU 0.863, F@0.05 visible 0.576, full 0.602. The floors sit well below them (fewer surface samples and faces
-    here), well above what an unplaced or empty asset scores (IoU ~0, F-scores ~0), and above the first shipped
-    model (IoU 0.794, F@0.05 visible 0.302, full 0.383), which trained on whole renders instead of crop views."""
+    IoU 0.847, F@0.05 visible 0.692, full 0.645 (the model before it: 0.863, 0.576, 0.602). The floors sit well
+    below them (fewer surface samples and faces here), well above what an unplaced or empty asset scores (IoU ~0,
+    F-scores ~0), and above the first shipped model (IoU 0.794, F@0.05 visible 0.302, full 0.383), which trained on
+    whole renders instead of crop views."""
     from pixal3d_backend.loading import load_model
     options = EvalOptions(points=5000, generation={"face_target": 50_000, "texture_size": 512}, out=tmp_path)
     o = evaluation.evaluate(load_model(None), [seed_of("eval", 0)], options)["objects"][0]
