@@ -182,14 +182,27 @@ def test_export_default_writes_a_strictly_loadable_snapshot(pool, tmp_path, monk
     card = (out / "MODEL_CARD.md").read_text()
     assert "mask_iou | 0.5" in card and "| shape_flow | 2 | 4 |" in card and "| tex_flow | 1 | 2 |" in card
 
+    # a whole-VAE fine-tune from the snapshot: its decoder from the snapshot, its encoder from the run's own weights
+    tensors, _ = train.load_weights(run / "tex_vae" / "weights.safetensors")
+    tuned = train.Trainer("tex_vae", run, "cpu", overrides=TINY)
+    tuned.initialise_from(out)
+    encoder, decoder = tuned.models["tex_encoder"].state_dict(), tuned.models["tex_slat_decoder"].state_dict()
+    assert all(torch.equal(v, tensors["tex_encoder." + k].float()) for k, v in encoder.items())
+    shipped = snapshot.load("tex_slat_decoder").state_dict()
+    assert all(torch.equal(v, shipped[k].float()) for k, v in decoder.items())
+    with pytest.raises(ValueError, match="no \\['tex_encoder'\\]"):
+        train.Trainer("tex_vae", tmp_path / "fresh", "cpu", overrides=TINY).initialise_from(out)
+
 
 def test_flow_pool_shards_load_back_in_shard_order_with_8_bit_images(pool, tmp_path):
-    """What flow_pool.py writes and `train.py --pool` reads: shards concatenated by shard number (not file name
-    order), sparse rows renumbered per view, images within half an 8-bit step."""
+    """What flow_pool.py writes and `train.py --pool` reads: shards concatenated by shard number, then part (not
+    file name order), sparse rows renumbered per view, images within half an 8-bit step."""
     from pixal3d_backend.training.batches import Views
-    halves = [pool.select(torch.arange(0, 2)), pool.select(torch.arange(2, len(pool)))]
-    halves[0].save(tmp_path / "shard_2.pt")          # shard 2 sorts after shard 10 as text, before it as a number
-    halves[1].save(tmp_path / "shard_10.pt")
+    thirds = [pool.select(torch.arange(0, 1)), pool.select(torch.arange(1, 2)), pool.select(torch.arange(2, len(pool)))]
+    thirds[0].save(tmp_path / "shard_2_0.pt")        # shard 2 sorts after shard 10 as text, before it as a number
+    thirds[1].save(tmp_path / "shard_2_1.pt")
+    thirds[2].save(tmp_path / "shard_10.pt")
+    (tmp_path / "shard_3_0.pt.tmp").write_bytes(b"a part still being written")
     loaded = Views.load_shards(tmp_path)
     assert len(loaded) == len(pool)
     assert torch.equal(loaded.coords, pool.coords) and torch.equal(loaded.dense["cameras"], pool.dense["cameras"])
@@ -197,3 +210,44 @@ def test_flow_pool_shards_load_back_in_shard_order_with_8_bit_images(pool, tmp_p
     assert (loaded.dense["images"] - pool.dense["images"]).abs().max() <= 0.5 / 255 + 1e-6
     with pytest.raises(FileNotFoundError, match="flow_pool"):
         Views.load_shards(tmp_path / "empty")
+
+
+def test_a_flow_trains_on_pool_parts_as_they_appear_and_logs_a_repeatable_validation_loss(pool, tmp_path,
+                                                                                          monkeypatch):
+    """`flow_pool.py --save-every` writes parts while `train.py --pool` trains: later parts join the pool; the
+    validation loss (`--val-pool`) of unchanged weights is the same number every time, and validating does not
+    disturb training (the live weights, not the EMA, continue)."""
+    import json
+    from pixal3d_backend.training import flow_pool
+    from pixal3d_backend.training.batches import Views
+
+    run, parts, val = tmp_path / "run", tmp_path / "pool", tmp_path / "val"
+    for stage in ("ss_vae", "shape_vae", "tex_vae"):
+        _finished_stage(stage, pool, run)
+    monkeypatch.setattr(flow_pool, "OBJECTS_PER_GENERATOR_BATCH", 1)
+    report = flow_pool.write_shard(run, parts, 0, 1, minutes=10, device="cpu", max_batches=3, save_every=0)
+    assert report["files"] == 3 and sorted(p.name for p in parts.iterdir()) == [f"shard_0_{i}.pt" for i in range(3)]
+    val.mkdir()
+    (parts / "shard_0_2.pt").rename(val / "shard_0.pt")
+    held = parts / "shard_0_1.pt.later"
+    (parts / "shard_0_1.pt").rename(held)
+
+    trainer = train.Trainer("shape_flow", run, "cpu", overrides=TINY, log_every=1, pool_dir=parts, val_dir=val)
+    first = trainer.build_pool(60, 1)
+    assert len(first) == 2 and trainer.grow_pool(first) is first           # nothing new yet
+    held.rename(parts / "shard_0_1.pt")
+    grown = trainer.grow_pool(first)
+    everything = Views.load_shards(parts)
+    assert len(grown) == 4 and torch.equal(grown.coords, everything.coords)
+
+    live = {k: v.clone() for k, v in trainer.models.state_dict().items()}
+    trainer.validate()
+    trainer.validate()
+    assert all(torch.equal(live[k], v) for k, v in trainer.models.state_dict().items())
+    trainer.run(minutes=5, resume=False, max_steps=2)
+    records = [json.loads(line) for line in (run / "shape_flow" / "log.jsonl").read_text().splitlines()]
+    vals = [r for r in records if r.get("event") == "val"]
+    assert [v["step"] for v in vals] == [0, 0, 0, 2] and all(v["views"] == 2 for v in vals)
+    assert vals[0]["loss"] == vals[1]["loss"] == vals[2]["loss"] != vals[3]["loss"]
+    with pytest.raises(FileNotFoundError, match="flow_pool"):
+        train.Trainer("shape_flow", run, "cpu", overrides=TINY, pool_dir=tmp_path / "missing").build_pool(1, 1)

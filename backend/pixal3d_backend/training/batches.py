@@ -77,12 +77,12 @@ class Views:
 
     @staticmethod
     def load_shards(folder: Path, device="cpu") -> "Views":
-        """Every `shard_<k>.pt` of a folder (`flow_pool.py` writes them), in shard order."""
-        shards = sorted(folder.glob("shard_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
-        if not shards:
+        """Every shard file of a folder (`flow_pool.py` writes them), in shard order."""
+        files = shard_files(folder)
+        if not files:
             raise FileNotFoundError(f"no shard_*.pt in {folder}; generate them with "
                                     "python -m pixal3d_backend.training.flow_pool")
-        return Views.concat([Views.load(p, device) for p in shards])
+        return Views.concat([Views.load(p, device) for p in files])
 
     @staticmethod
     def load(path, device="cpu") -> "Views":
@@ -91,6 +91,14 @@ class Views:
         if "images" in dense:
             dense["images"] = dense["images"].float() / 255
         return Views(dense, state["coords"], state["sparse"])
+
+
+def shard_files(folder: Path) -> list[Path]:
+    """`shard_<k>.pt` and `shard_<k>_<part>.pt` files (flow_pool.py; parts when it saves as it goes), ordered by
+    shard number, then part; a file still being written has another suffix until it is complete."""
+    def order(path: Path) -> tuple[int, ...]:
+        return tuple(int(n) for n in path.stem.split("_")[1:])
+    return sorted(folder.glob("shard_*.pt"), key=order)
 
 
 # -- the flexible-dual-grid views and what the encoders read from them --------------------------------------

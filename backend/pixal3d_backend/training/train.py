@@ -17,6 +17,12 @@ A stage first generates a pool of views (up to `POOL_FRACTION` of its budget), t
 minibatches of it: AdamW, linear warm-up, gradient clipping, EMA, bf16 autocast on CUDA. Step k draws its
 minibatch, noise, timesteps and dropout from a CPU generator seeded by (seed, k), so a resumed run continues
 bit-identically (on one device type). Checkpoints are written every `--checkpoint-minutes` and at the end.
+
+Flows can instead train on a pool that `flow_pool.py` writes (`--pool`); while it is still being written
+(`flow_pool.py --save-every`) the new shard files join the pool as they appear. `--val-pool` (views no training
+step sees: a `flow_pool.py` folder of other generator batches) logs the EMA weights' loss on it at the start, at
+every checkpoint and at the end, with the same noise and timesteps every time, so the numbers are comparable
+across checkpoints and runs.
 """
 from __future__ import annotations
 
@@ -33,7 +39,7 @@ from safetensors.torch import save_file
 
 from ..loading import load_model
 from . import configs
-from .batches import ViewGenerator, Views, generate_pool, shape_inputs, texture_inputs
+from .batches import ViewGenerator, Views, generate_pool, shape_inputs, shard_files, texture_inputs
 from .stages import DEPENDS, LEARNING_RATE, STAGE_CLASSES, VIEWS_PER_STEP, build, stage_config, trained_keys
 
 # Share of a stage's first run that may generate its pool. Measured on the H200 (single process): ~8 views/s of
@@ -41,6 +47,8 @@ from .stages import DEPENDS, LEARNING_RATE, STAGE_CLASSES, VIEWS_PER_STEP, build
 POOL_FRACTION = {"ss_vae": 0.3, "shape_vae": 0.3, "tex_vae": 0.3, "ss_flow": 0.5, "shape_flow": 0.5, "tex_flow": 0.5}
 OBJECTS_PER_GENERATOR_BATCH = 4
 WARMUP_STEPS = 200
+POOL_POLL_SECONDS = 20      # how often a flow looks for new shard files of a pool that is still being written
+VAL_SEED = 7_777
 EMA_DECAY = 0.999
 GRAD_CLIP = 1.0
 
@@ -89,11 +97,13 @@ def prefixed(tensors: dict[str, torch.Tensor], key: str) -> dict[str, torch.Tens
 
 
 def load_networks(out: Path, stage: str, keys, device, overrides=None) -> tuple[dict, dict]:
-    """Networks `keys` of a finished stage, with its EMA weights (strict), and the stage's metadata."""
+    """Networks `keys` of a finished stage, with its EMA weights (strict), and the stage's metadata. The networks
+    are built from the configs the weights were saved with (`overrides` for weights without them)."""
     tensors, meta = load_weights(out / stage / "weights.safetensors")
+    configs_saved = {**(overrides or {}), **meta.get("configs", {})}
     nets = {}
     for key in keys:
-        net = build(key, overrides)
+        net = build(key, configs_saved)
         net.load_state_dict(prefixed(tensors, key))
         nets[key] = net.to(device).eval().requires_grad_(False)
     return nets, meta
@@ -120,12 +130,14 @@ def latent_statistics(encoder, pool: Views, inputs, chunk: int = 8) -> dict:
 class Trainer:
     def __init__(self, stage: str, out: Path, device: str, seed: int = 0, workers: int = 0,
                  overrides: dict | None = None, log_every: int = 25, checkpoint_minutes: float = 3.0,
-                 pool_dir: Path | None = None, freeze_encoder: bool = False):
+                 pool_dir: Path | None = None, freeze_encoder: bool = False, val_dir: Path | None = None):
         if freeze_encoder and stage not in ("shape_vae", "tex_vae", "ss_vae"):
             raise ValueError(f"freeze_encoder is for VAE stages, not {stage}")
         self.name, self.dir, self.device = stage, out / stage, torch.device(device)
         self.freeze_encoder = freeze_encoder
         self.seed, self.workers, self.log_every, self.pool_dir = seed, workers, log_every, pool_dir
+        self.pool_files: set[str] = set()
+        self.val = Views.load_shards(val_dir, device) if val_dir is not None else None
         self.checkpoint_seconds = 60 * checkpoint_minutes
         self.dir.mkdir(parents=True, exist_ok=True)
         frozen, normalization = dependencies(out, stage, self.device, overrides)
@@ -164,9 +176,15 @@ class Trainer:
     def build_pool(self, budget_seconds: float, max_batches: int) -> Views:
         t0 = time.monotonic()
         if self.pool_dir is not None:      # shared flow pool (flow_pool.py): already prepared for every flow
-            pool = Views.load_shards(self.pool_dir, self.device)
-            self.log({"event": "pool", "views": len(pool), "from": str(self.pool_dir),
-                      "seconds": round(time.monotonic() - t0, 1)})
+            if not self.pool_dir.is_dir():
+                raise FileNotFoundError(f"no pool folder {self.pool_dir}; generate it with "
+                                        "python -m pixal3d_backend.training.flow_pool")
+            while not shard_files(self.pool_dir) and time.monotonic() - t0 < budget_seconds:
+                time.sleep(1.0)            # a pool being written: its first part is on the way
+            self.pool_files = set()
+            pool = self.grow_pool(None)
+            if pool is None:
+                raise FileNotFoundError(f"no shard file appeared in {self.pool_dir} within the stage's budget")
             return pool
         generator = ViewGenerator(OBJECTS_PER_GENERATOR_BATCH, str(self.device), self.stage.needs_images)
         deadline = None if self.pool_batches else t0 + POOL_FRACTION[self.name] * budget_seconds
@@ -175,6 +193,40 @@ class Trainer:
         self.log({"event": "pool", "views": len(pool), "batches": self.pool_batches,
                   "seconds": round(time.monotonic() - t0, 1)})
         return pool
+
+    def grow_pool(self, pool: Views | None) -> Views | None:
+        """`pool` plus the shard files of the pool folder that it does not hold yet."""
+        t0 = time.monotonic()
+        new = [p for p in shard_files(self.pool_dir) if p.name not in self.pool_files]
+        if not new:
+            return pool
+        parts = [Views.load(p, self.device) for p in new]
+        self.pool_files.update(p.name for p in new)
+        pool = Views.concat(([pool] if pool is not None else []) + parts)
+        self.log({"event": "pool", "step": self.step, "views": len(pool), "added": sum(len(v) for v in parts),
+                  "files": len(self.pool_files), "from": str(self.pool_dir), "seconds": round(time.monotonic() - t0, 1)})
+        return pool
+
+    @torch.no_grad()
+    def validate(self) -> None:
+        """Loss of the EMA weights on the validation views, with the same noise, timesteps and condition dropout at
+        every call (a CPU generator seeded per minibatch)."""
+        if self.val is None:
+            return
+        live = {k: v.clone() for k, v in self.models.state_dict().items()}
+        self.models.load_state_dict(self.ema.state_dict(self.models))
+        self.models.eval()
+        totals, n = {}, VIEWS_PER_STEP[self.name]
+        for start in range(0, len(self.val), n):
+            batch = self.val.select(torch.arange(start, min(start + n, len(self.val))))
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+                terms = self.stage.losses(batch, torch.Generator().manual_seed(VAL_SEED + start))
+            for k, v in terms.items():
+                totals[k] = totals.get(k, 0.0) + v.item() * len(batch)
+        self.models.load_state_dict(live)
+        self.models.train()
+        self.log({"event": "val", "step": self.step, "views": len(self.val),
+                  **{k: v / len(self.val) for k, v in totals.items()}})
 
     def train_step(self, pool: Views) -> dict[str, float]:
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.step)
@@ -194,12 +246,19 @@ class Trainer:
 
     def initialise_from(self, source: Path) -> None:
         """Starts from earlier weights (fine-tuning: a new optimiser, step 0): the same stage of an earlier run, or
-        a model snapshot (e.g. the bundled default model) holding the stage's networks (a snapshot holds no VAE
-        encoder: with `freeze_encoder` only the decoder comes from it)."""
-        keys = [k for k in self.models if not (self.freeze_encoder and k == trained_keys(self.name)[0])]
+        a model snapshot (e.g. the bundled default model) holding the stage's networks. A snapshot holds no VAE
+        encoder: with `freeze_encoder` only the decoder comes from it; otherwise the encoder starts from this run's own
+        (OUT/<stage>/weights.safetensors, an earlier phase's) and the whole VAE trains on."""
+        encoder = trained_keys(self.name)[0]
+        keys = [k for k in self.models if not (self.freeze_encoder and k == encoder)]
         if (source / "pipeline.json").is_file():
             loaded = load_model(source, device="cpu")
             networks = {**loaded.pipeline.models, **loaded.pipeline.encoders}
+            own = self.dir / "weights.safetensors"
+            if encoder in keys and encoder not in networks and own.is_file():
+                tensors, _ = load_weights(own)
+                self.models[encoder].load_state_dict({k: v.float() for k, v in prefixed(tensors, encoder).items()})
+                keys.remove(encoder)
             missing = [k for k in keys if k not in networks]
             if missing:
                 raise ValueError(f"{source} has no {missing} to initialise stage {self.name} from")
@@ -240,9 +299,13 @@ class Trainer:
                   "views_per_step": VIEWS_PER_STEP[self.name], "minutes": minutes,
                   "init": str(init) if init is not None and not resumed else None})
         pool = self.build_pool(60 * minutes, max_pool_batches)
+        self.validate()
         self.models.train()
-        last_checkpoint, window = time.monotonic(), []
+        last_checkpoint = last_poll = time.monotonic()
+        window = []
         while time.monotonic() - start < 60 * minutes and (max_steps is None or self.step < max_steps):
+            if self.pool_dir is not None and time.monotonic() - last_poll > POOL_POLL_SECONDS:
+                pool, last_poll = self.grow_pool(pool), time.monotonic()
             t = time.monotonic()
             window.append(self.train_step(pool))
             self.seconds += time.monotonic() - t
@@ -254,6 +317,7 @@ class Trainer:
                 window = []
             if time.monotonic() - last_checkpoint > self.checkpoint_seconds:
                 self.save()
+                self.validate()
                 last_checkpoint = time.monotonic()
         self.finish(pool)
 
@@ -267,6 +331,7 @@ class Trainer:
             self.normalization = {self.name.split("_")[0]: latent_statistics(encoder, pool, inputs)}
         self.save()
         self.log({"event": "checkpoint", "step": self.step, "seconds": round(self.seconds, 1)})
+        self.validate()
 
 
 def stage_minutes(stages: list[str], minutes: float) -> dict[str, float]:
@@ -287,7 +352,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="data-generation processes sharing the device (0: in this process; several processes on "
                         "one GPU gave no measured speed-up)")
     p.add_argument("--pool", type=Path, help="train flow stages on the shards of this folder (flow_pool.py) "
-                   "instead of generating a pool")
+                   "instead of generating a pool; shard files that appear while training join the pool")
+    p.add_argument("--val-pool", type=Path, help="a flow_pool.py folder of views never trained on: log the EMA "
+                   "weights' loss on it at the start, at every checkpoint and at the end")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--checkpoint-minutes", type=float, default=3.0)
@@ -300,11 +367,11 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("PIXAL3D_SDPA", "flash,efficient,math")
     stages = list(configs.STAGES) if "all" in args.stage else args.stage
     for stage, minutes in stage_minutes(stages, args.minutes).items():
-        if args.pool is not None and not stage.endswith("_flow"):
-            p.error(f"--pool holds flow training data; stage {stage} generates its own")
+        if (args.pool is not None or args.val_pool is not None) and not stage.endswith("_flow"):
+            p.error(f"--pool and --val-pool hold flow training data; stage {stage} generates its own")
         trainer = Trainer(stage, args.out, args.device, args.seed, args.workers,
                           checkpoint_minutes=args.checkpoint_minutes, pool_dir=args.pool,
-                          freeze_encoder=args.freeze_encoder)
+                          freeze_encoder=args.freeze_encoder, val_dir=args.val_pool)
         trainer.run(minutes, args.resume, args.max_steps, init=args.init)
 
 

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Session 5 (4x H200, `run` from the repo root, OUT set by the device tool): the flows train while their pool grows,
+# with a validation loss on views no step trains on, and the texture VAE trains beside them.
+#   every GPU: 4 flow_pool processes writing a part every minute (batches from FIRST_BATCH; never used before);
+#   first, 4 processes write the validation pool (batches from VAL_BATCH); then, from the bundled model (INIT):
+#   GPU 0: SS flow, GPU 1: shape flow, GPU 2: texture flow, all on the growing pool;
+#   GPU 3 (from the start): the texture VAE of TEXVAE_FROM/tex_vae, with TEXVAE_ARGS.
+# The pool's texture latents come from TEXVAE_FROM's encoder. Needs .device_carry/vae/<stage>/weights.safetensors,
+# the VAE stages' encoders (never shipped; gitignored, carried), and TEXVAE_FROM (carried).
+# First call:  bash grow_x4.sh   (pool processes at OMP_NUM_THREADS=3 then; the whole texture VAE from its carried encoder and the bundled decoder: its
+#              latents carried little colour)
+# Second call: FIRST_BATCH=20000 TEXVAE_FROM=.device_carry/texvae1 TEXVAE_ARGS=--freeze-encoder bash grow_x4.sh
+#              (the first call's weights exported into INIT, its texture VAE carried; the decoder alone goes on, so
+#              the texture flow learns the latents of the encoder it will be shipped with)
+set -u
+export PYTHONPATH=$PWD/backend:$PWD/kernels PYTHONUNBUFFERED=1 PIXAL3D_SPARSE_CONV=torch
+TOTAL_MIN=${TOTAL_MIN:-8.4}; FIRST_BATCH=${FIRST_BATCH:-10000}; VAL_BATCH=${VAL_BATCH:-50000000}
+TEXVAE_FROM=${TEXVAE_FROM:-.device_carry/vae}; TEXVAE_ARGS=${TEXVAE_ARGS:-}
+INIT=backend/pixal3d_backend/default_model
+RUN=/tmp/run; POOL=/tmp/pool; VAL=/tmp/val; TEXVAE=/tmp/texvae; LOG=$OUT/logs.txt
+mkdir -p $RUN $POOL $VAL $TEXVAE/tex_vae && cp -r .device_carry/vae/* $RUN/
+cp $TEXVAE_FROM/tex_vae/weights.safetensors $TEXVAE/tex_vae/ && cp $TEXVAE_FROM/tex_vae/weights.safetensors $RUN/tex_vae/
+nvidia-smi -L | tee -a $LOG
+T0=$(date +%s)
+left() { awk -v t0=$T0 -v now=$(date +%s) -v total=$TOTAL_MIN -v less=$1 'BEGIN{print total - less - (now - t0) / 60}'; }
+CUDA_VISIBLE_DEVICES=3 OMP_NUM_THREADS=4 python -m pixal3d_backend.training.train --stage tex_vae --minutes $TOTAL_MIN \
+  --out $TEXVAE --init $([ -n "$TEXVAE_ARGS" ] && echo $TEXVAE || echo $INIT) $TEXVAE_ARGS --checkpoint-minutes 2 \
+  > /tmp/train_tex_vae.log 2>&1 &
+VAL_PIDS=()
+for k in 0 1 2 3; do
+  CUDA_VISIBLE_DEVICES=$k OMP_NUM_THREADS=2 python -m pixal3d_backend.training.flow_pool --vae $RUN --out $VAL \
+    --shard $k --shards 4 --minutes 3 --max-batches 6 --first-batch $VAL_BATCH > /tmp/val_$k.log 2>&1 &
+  VAL_PIDS+=($!)
+done
+POOL_MIN=$(left 1.0)
+for k in $(seq 0 15); do
+  CUDA_VISIBLE_DEVICES=$((k % 4)) OMP_NUM_THREADS=2 python -m pixal3d_backend.training.flow_pool --vae $RUN --out $POOL \
+    --shard $k --shards 16 --minutes $POOL_MIN --save-every 1 --first-batch $FIRST_BATCH > /tmp/pool_$k.log 2>&1 &
+done
+wait "${VAL_PIDS[@]}"
+for k in 0 1 2 3; do tail -n 1 /tmp/val_$k.log; done | tee -a $LOG
+TRAIN_MIN=$(left 0.1)
+echo "flows start at $(( $(date +%s) - T0 )) s for $TRAIN_MIN min" | tee -a $LOG
+g=0
+for s in ss_flow shape_flow tex_flow; do
+  CUDA_VISIBLE_DEVICES=$g OMP_NUM_THREADS=4 python -m pixal3d_backend.training.train --stage $s --minutes $TRAIN_MIN \
+    --out $RUN --pool $POOL --val-pool $VAL --init $INIT --checkpoint-minutes 1.5 > /tmp/train_$s.log 2>&1 &
+  g=$((g + 1))
+done
+wait
+for k in $(seq 0 15); do tail -n 1 /tmp/pool_$k.log; done | tee -a $LOG
+mkdir -p /tmp/logs && cp /tmp/*.log /tmp/logs/
+for s in ss_flow shape_flow tex_flow tex_vae; do
+  d=$RUN/$s; [ $s = tex_vae ] && d=$TEXVAE/$s
+  cp $d/weights.safetensors $OUT/${s}_weights.safetensors
+  cp $d/log.jsonl /tmp/logs/${s}_log.jsonl
+  tail -n 3 /tmp/train_$s.log >> $LOG
+  echo "== $s" | tee -a $LOG
+  grep '"event": "pool"' $d/log.jsonl | tail -n 2 | cut -c1-200 | tee -a $LOG
+  grep '"event": "val"' $d/log.jsonl | cut -c1-200 | tee -a $LOG
+  grep -v '"event"' $d/log.jsonl | awk 'NR%20==1' | cut -c1-150 | tee -a $LOG
+  echo "$s last: $(grep -v '"event"' $d/log.jsonl | tail -n 1 | cut -c1-300)" | tee -a $LOG
+done
+tar -czf $OUT/logs.tgz -C /tmp/logs .
