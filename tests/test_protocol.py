@@ -294,6 +294,9 @@ def test_blank_mask_is_rejected():
         protocol.check_mask(alpha, "views[0].image")
     assert error.value.code is ErrorCode.BAD_IMAGE and "blank" in error.value.message
     protocol.check_mask(np.asarray(Image.open(io.BytesIO(object_png())).getchannel("A")), "views[0].image")
+    see_through = np.full((64, 64), 180, np.uint8)      # a glass object at 70 % alpha: nothing for the crop to frame
+    with pytest.raises(ProtocolError, match="80% opaque"):
+        protocol.check_mask(see_through, "views[0].image")
 
 
 def test_result_with_a_face_index_past_the_vertices_is_rejected():

@@ -278,7 +278,10 @@ def evaluate_object(generator: Generator, seed: int, options: EvalOptions) -> tu
     main = ProceduralDataset("eval", views_per_object=1).views(obj, surface)[0]
     views = [main] + [orbit_view(main, surface, 2 * math.pi * k / options.views) for k in range(1, options.views)]
     renders = render_views(object_field, views, size, ss)
-    request = SubmitRequest([protocol.View(_png(renders.rgba[k]), protocol.Camera(
+    images = [_png(renders.rgba[k]) for k in range(len(views))]
+    for k, png in enumerate(images):     # the server's own check: an all see-through object leaves the crop nothing
+        protocol.check_mask(np.asarray(Image.open(io.BytesIO(png)).getchannel("A")), f"eval object {seed} view {k}")
+    request = SubmitRequest([protocol.View(images[k], protocol.Camera(
         hfov=v.fov, width=size, height=size, c2w=camera_to_world(main, v))) for k, v in enumerate(views)],
         Options(**{**generator.model.default_options, **options.generation}))
     t_generate = time.perf_counter()
@@ -350,7 +353,9 @@ def evaluate(model: LoadedModel | Generator, seeds: list[int], options: EvalOpti
     """Metrics of `model` on the eval objects `seeds`: {"objects": [per-object dicts], "mean": {...}, ...}.
     Writes `<seed>.png` grids and `metrics.json` to `options.out` when it is set. `model` may also be anything
     with a Generator's `run`, `capabilities` and `model` (tests pass an oracle). `on_object` sees each object's
-    metrics as soon as they are measured (a long CPU run reports progress through it)."""
+    metrics as soon as they are measured (a long CPU run reports progress through it). An object whose input the
+    server would reject (`protocol.check_mask`: e.g. every part see-through) is listed under "rejected" with the
+    error, and left out of the means."""
     generator = Generator(model) if isinstance(model, LoadedModel) else model
     options = options or EvalOptions()
     max_views = generator.capabilities()["max_views"]
@@ -358,9 +363,14 @@ def evaluate(model: LoadedModel | Generator, seeds: list[int], options: EvalOpti
         raise ValueError(f"--views {options.views}: the generator takes at most {max_views} view(s)")
     if options.out is not None:
         options.out.mkdir(parents=True, exist_ok=True)
-    objects = []
+    objects, rejected = [], []
     for seed in seeds:
-        metrics, grid = evaluate_object(generator, seed, options)
+        try:
+            metrics, grid = evaluate_object(generator, seed, options)
+        except protocol.ProtocolError as error:      # an input the product rejects is reported, not averaged
+            rejected.append({"seed": seed, "category": make_object(seed).category, "error": error.message})
+            on_object(rejected[-1])
+            continue
         objects.append(metrics)
         on_object(metrics)
         if options.out is not None:
@@ -368,7 +378,8 @@ def evaluate(model: LoadedModel | Generator, seeds: list[int], options: EvalOpti
     result = {"model_id": generator.model.model_id, "model_hash": generator.model.model_hash,
               "options": {**{k: v for k, v in vars(options).items() if k not in ("generation", "out")},
                           "generation": dict(options.generation)},
-              "objects": objects, "mean": {k: float(np.mean([o[k] for o in objects])) for k in METRICS}}
+              "objects": objects, "rejected": rejected,
+              "mean": {k: float(np.mean([o[k] for o in objects])) if objects else float("nan") for k in METRICS}}
     if options.out is not None:
         (options.out / "metrics.json").write_text(json.dumps(result, indent=2))
     return result
@@ -383,6 +394,7 @@ def table(result: dict) -> str:
         lines.append(f"{o['seed']:>15} {o['category']:<9}" + "".join(f"{o[k]:>10.4f}" for k in names)
                      + f"{o['total_s']:>8.1f}")
     lines.append(f"{'mean':>15} {'':<9}" + "".join(f"{result['mean'][k]:>10.4f}" for k in names))
+    lines += [f"{o['seed']:>15} {o['category']:<9} not generated: {o['error']}" for o in result.get("rejected", [])]
     return "\n".join(lines)
 
 
@@ -422,8 +434,9 @@ def main(argv: list[str]) -> int:
     for views in dict.fromkeys(a.views):
         out = a.out / f"views{views}" if len(a.views) > 1 else a.out
         options = EvalOptions(image_size=a.image_size, views=views, points=a.points, generation=generation, out=out)
-        report = lambda m: print(f"{views} view(s), {m['seed']} {m['category']}: IoU {m['iou']:.3f}, CD full "
-                                 f"{m['chamfer_full']:.4f}, {m['total_s']:.0f} s", file=sys.stderr, flush=True)
+        report = lambda m: print(f"{views} view(s), {m['seed']} {m['category']}: " + (
+            f"not generated: {m['error']}" if "error" in m else
+            f"IoU {m['iou']:.3f}, CD full {m['chamfer_full']:.4f}, {m['total_s']:.0f} s"), file=sys.stderr, flush=True)
         results[views] = evaluate(model, seeds, options, report)
         print(f"{views} view(s):\n{table(results[views])}\nwrote {out / 'metrics.json'} and {len(seeds)} grids")
     if len(results) > 1:

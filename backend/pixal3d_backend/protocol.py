@@ -55,6 +55,7 @@ MIN_IMAGE_SIDE = 32
 MAX_IMAGE_SIDE = 8192
 MAX_PNG_CHUNKS = 1 << 16            # libpng writes 8 KiB IDAT chunks: 64 MiB is 8192 of them
 MIN_MASK_PIXELS = 64                # an alpha mask with fewer opaque pixels is blank
+OPAQUE_ALPHA = 0.8 * 255            # "opaque": the official crop frames the pixels above 80 % alpha
 MAX_CAMERA_SHIFT = 10.0             # Blender's own shift range
 RIGID_TOLERANCE = 1e-4              # |R^T R - I| of a camera-to-world rotation (Blender stores float32)
 MAX_VERTICES = 8_000_000
@@ -372,10 +373,11 @@ def _png_from_wire(ref: _Fields, blobs: _Blobs, max_bytes: int, color_types: tup
 
 def check_mask(alpha: np.ndarray, where: str) -> None:
     """Rejects a blank alpha mask (needs decoded pixels, so the server calls it after decoding the PNG)."""
-    if int(np.count_nonzero(np.asarray(alpha) >= 128)) < MIN_MASK_PIXELS:
+    if int(np.count_nonzero(np.asarray(alpha) > OPAQUE_ALPHA)) < MIN_MASK_PIXELS:
         raise ProtocolError(ErrorCode.BAD_IMAGE, f"{where} is blank: its alpha mask has fewer than "
-                                                 f"{MIN_MASK_PIXELS} opaque pixels; the object must be opaque and "
-                                                 "the background transparent")
+                                                 f"{MIN_MASK_PIXELS} pixels more than 80% opaque, which frame the "
+                                                 "object; the object must be opaque (a see-through object needs "
+                                                 "an opaque mask) and the background transparent")
 
 
 # ---------------------------------------------------------------------------------------------------------

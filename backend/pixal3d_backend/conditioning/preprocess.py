@@ -10,8 +10,9 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from ..protocol import OPAQUE_ALPHA
+
 MAX_SIDE = 1024            # larger inputs are LANCZOS-downscaled first
-ALPHA_THRESHOLD = 0.8 * 255  # pixels above it define the object's bounding box
 CROP_MARGIN = 1.1          # crop side = 1.1 x the longer bbox side (TRELLIS.2 uses 1.0)
 
 
@@ -68,7 +69,7 @@ def _working_image(image: Image.Image) -> Image.Image:
 
 def _crop_box(rgba: Image.Image) -> tuple[int, int, int, int]:
     alpha = np.asarray(rgba.getchannel("A"))
-    ys, xs = np.nonzero(alpha > ALPHA_THRESHOLD)
+    ys, xs = np.nonzero(alpha > OPAQUE_ALPHA)      # the pixels that frame the object
     if xs.size == 0:
         raise ValueError("image alpha mask is empty: no pixel is more than 80% opaque")
     x0, y0, x1, y1 = xs.min(), ys.min(), xs.max(), ys.max()
