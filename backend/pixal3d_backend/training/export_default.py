@@ -133,7 +133,10 @@ def model_card(run: Path, evaluation: dict, models: dict[str, dict], sizes: dict
         "(`data.views.crop_view`): the crop of 1.1x the object's box at the crop's FOV and the 'object fills the "
         "frame' distance, which is the camera relation inference builds from an image. A VAE's later phases train "
         "its decoder alone on the first phase's frozen encoder (`train.py --freeze-encoder`), so the latents the "
-        "flows learnt stay valid.", "",
+        "flows learnt stay valid; the texture VAE's third phase trained encoder and decoder together (its latents "
+        "carried almost no colour), its fourth the decoder alone, while the texture flow learnt the new latents. "
+        "The last two flow phases trained while their pool was being generated (`flow_pool.py --save-every`), "
+        "with a loss on held-out views (`train.py --val-pool`) that fell throughout.", "",
         "## Training", "",
         f"Hardware: {', '.join(hardware)}. AdamW, bf16 autocast, EMA 0.999; each stage trains on a pool of "
         "generated views.", "",
@@ -150,9 +153,10 @@ def model_card(run: Path, evaluation: dict, models: dict[str, dict], sizes: dict
         "## Limitations", "",
         "Trained for minutes on procedural objects only: expect coarse geometry and flat textures on real photos, "
         "thin parts and concavities that the 32^3 tokens and the 256^3 decoder cannot resolve, and no knowledge of "
-        "real object categories. Colours come out washed towards the data's mean colour (the texture VAE's latents "
-        "carry little colour: its decoder alone could not learn more). It exists so that the product works "
-        "offline; use the official weights for quality.", "",
+        "real object categories. Colours are often wrong: the retrained texture VAE carries colour now, but the "
+        "texture flow has had few steps on its latents. The sparse structure is the weakest stage: given the true "
+        "structure, the same flows score F@0.05 ~0.97 on held-out objects, so depth errors come from it. It exists "
+        "so that the product works offline; use the official weights for quality.", "",
     ]
     return "\n".join(lines)
 
