@@ -48,6 +48,7 @@ from .data.views import View, framing_distance, rotation_y
 from .loading import LoadedModel
 from .protocol import Options, SubmitRequest
 from .render_mesh import Rendered, project, render_albedo, scaled
+from .server import check_image_pixels
 from .service import Generator, add_model_arguments, model_from_arguments
 
 Tensor = torch.Tensor
@@ -280,7 +281,7 @@ def evaluate_object(generator: Generator, seed: int, options: EvalOptions) -> tu
     renders = render_views(object_field, views, size, ss)
     images = [_png(renders.rgba[k]) for k in range(len(views))]
     for k, png in enumerate(images):     # the server's own check: an all see-through object leaves the crop nothing
-        protocol.check_mask(np.asarray(Image.open(io.BytesIO(png)).getchannel("A")), f"eval object {seed} view {k}")
+        check_image_pixels(png, f"eval object {seed} view {k}")
     request = SubmitRequest([protocol.View(images[k], protocol.Camera(
         hfov=v.fov, width=size, height=size, c2w=camera_to_world(main, v))) for k, v in enumerate(views)],
         Options(**{**generator.model.default_options, **options.generation}))
@@ -354,7 +355,7 @@ def evaluate(model: LoadedModel | Generator, seeds: list[int], options: EvalOpti
     Writes `<seed>.png` grids and `metrics.json` to `options.out` when it is set. `model` may also be anything
     with a Generator's `run`, `capabilities` and `model` (tests pass an oracle). `on_object` sees each object's
     metrics as soon as they are measured (a long CPU run reports progress through it). An object whose input the
-    server would reject (`protocol.check_mask`: e.g. every part see-through) is listed under "rejected" with the
+    server would reject (`server.check_image_pixels`: e.g. every part see-through) is listed under "rejected" with the
     error, and left out of the means."""
     generator = Generator(model) if isinstance(model, LoadedModel) else model
     options = options or EvalOptions()

@@ -96,6 +96,11 @@ def prefixed(tensors: dict[str, torch.Tensor], key: str) -> dict[str, torch.Tens
     return {k[len(key) + 1:]: v for k, v in tensors.items() if k.startswith(key + ".")}
 
 
+def load_network(module: torch.nn.Module, tensors: dict[str, torch.Tensor], key: str) -> None:
+    """Network `key` of a stage's (fp16) weights into a trainable fp32 module, strictly."""
+    module.load_state_dict({k: v.float() for k, v in prefixed(tensors, key).items()})
+
+
 def load_networks(out: Path, stage: str, keys, device, overrides=None) -> tuple[dict, dict]:
     """Networks `keys` of a finished stage, with its EMA weights (strict), and the stage's metadata. The networks
     are built from the configs the weights were saved with (`overrides` for weights without them)."""
@@ -104,7 +109,7 @@ def load_networks(out: Path, stage: str, keys, device, overrides=None) -> tuple[
     nets = {}
     for key in keys:
         net = build(key, configs_saved)
-        net.load_state_dict(prefixed(tensors, key))
+        load_network(net, tensors, key)
         nets[key] = net.to(device).eval().requires_grad_(False)
     return nets, meta
 
@@ -257,7 +262,7 @@ class Trainer:
             own = self.dir / "weights.safetensors"
             if encoder in keys and encoder not in networks and own.is_file():
                 tensors, _ = load_weights(own)
-                self.models[encoder].load_state_dict({k: v.float() for k, v in prefixed(tensors, encoder).items()})
+                load_network(self.models[encoder], tensors, encoder)
                 keys.remove(encoder)
             missing = [k for k in keys if k not in networks]
             if missing:
@@ -267,7 +272,7 @@ class Trainer:
         else:
             tensors, _ = load_weights(source / self.name / "weights.safetensors")
             for key in keys:
-                self.models[key].load_state_dict({k: v.float() for k, v in prefixed(tensors, key).items()})
+                load_network(self.models[key], tensors, key)
         self.ema = EMA(self.models)
 
     def freeze_trained_encoder(self) -> None:
@@ -275,7 +280,7 @@ class Trainer:
         the flows trained on those latents stay valid; the latent normalisation is that encoder's."""
         key = trained_keys(self.name)[0]
         tensors, meta = load_weights(self.dir / "weights.safetensors")
-        self.models[key].load_state_dict({k: v.float() for k, v in prefixed(tensors, key).items()})
+        load_network(self.models[key], tensors, key)
         self.models[key].requires_grad_(False)
         self.normalization = meta.get("normalization", {})
         self.ema = EMA(self.models)
