@@ -251,3 +251,58 @@ def test_a_flow_trains_on_pool_parts_as_they_appear_and_logs_a_repeatable_valida
     assert vals[0]["loss"] == vals[1]["loss"] == vals[2]["loss"] != vals[3]["loss"]
     with pytest.raises(FileNotFoundError, match="flow_pool"):
         train.Trainer("shape_flow", run, "cpu", overrides=TINY, pool_dir=tmp_path / "missing").build_pool(1, 1)
+
+
+def test_a_deepened_flow_starts_as_the_flow_it_grew_from_and_trains_its_new_blocks(pool, tmp_path, monkeypatch):
+    """`train.py --blocks N --init RUN`: the earlier blocks keep their weights, the new ones start as the identity,
+    so the deepened flow's loss on a batch equals the shallow flow's; then the new blocks train, and the weights
+    carry the deeper config for the export and later loads."""
+    import json
+    _finished_stage("ss_vae", pool, tmp_path)
+    shallow = _trainer("ss_flow", tmp_path, monkeypatch, pool)
+    shallow.run(minutes=5, resume=False, max_steps=2)
+    deep = train.Trainer("ss_flow", tmp_path, "cpu", overrides=TINY, log_every=1, blocks=3)
+    deep.initialise_from(tmp_path)
+    flow = deep.models["sparse_structure_flow_model"]
+    assert len(flow.blocks) == 3 and len(shallow.models["sparse_structure_flow_model"].blocks) == 1
+    shallow.models.load_state_dict(shallow.ema.state_dict(shallow.models))      # what the weights file holds
+    batch = shallow.stage.prepare(pool.select(torch.tensor([0, 1])))
+    with torch.no_grad():
+        before = shallow.stage.losses(batch, torch.Generator().manual_seed(3))["loss"]
+        after = deep.stage.losses(batch, torch.Generator().manual_seed(3))["loss"]
+    assert torch.allclose(before, after, rtol=1e-5, atol=1e-6), (before, after)
+
+    deep.run(minutes=5, resume=False, max_steps=2, init=tmp_path)
+    assert flow.blocks[2].mlp.mlp[-1].weight.abs().sum() > 0                     # the new blocks learn
+    records = [json.loads(x) for x in (tmp_path / "ss_flow" / "log.jsonl").read_text().splitlines()]
+    assert {"event": "deepen", "network": "sparse_structure_flow_model", "new_blocks": [1, 2]}.items() <= \
+        [r for r in records if r.get("event") == "deepen"][-1].items()
+    nets, _ = train.load_networks(tmp_path, "ss_flow", ["sparse_structure_flow_model"], "cpu")
+    assert len(nets["sparse_structure_flow_model"].blocks) == 3
+    with pytest.raises(ValueError, match="deepens a flow"):
+        train.Trainer("ss_vae", tmp_path, "cpu", overrides=TINY, blocks=3)
+    with pytest.raises(RuntimeError, match="does not fit"):                  # fewer blocks than the state is no deepening
+        train.deepen(shallow.models["sparse_structure_flow_model"], flow.state_dict())
+
+
+def test_learning_rate_decays_over_the_invocation_to_the_asked_fraction(pool, tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "WARMUP_STEPS", 1)
+    _finished_stage("ss_vae", pool, tmp_path)
+    trainer = train.Trainer("ss_flow", tmp_path, "cpu", overrides=TINY, lr_decay=0.1)
+    views = trainer.stage.prepare(pool)
+    rate = stages.LEARNING_RATE["ss_flow"]
+    for progress, expected in ((0.0, 1.0), (0.5, 0.55), (1.0, 0.1), (1.5, 0.1)):
+        trainer.lr_progress = lambda: progress
+        assert trainer.train_step(views)["lr"] == pytest.approx(expected * rate)
+    assert train.Trainer("ss_flow", tmp_path, "cpu", overrides=TINY).train_step(views)["lr"] == rate
+    with pytest.raises(ValueError, match="final fraction"):
+        train.Trainer("ss_flow", tmp_path, "cpu", overrides=TINY, lr_decay=2.0)
+
+
+def test_a_dense_flow_loaded_from_a_run_keeps_its_complex_rope_phases(pool, tmp_path, monkeypatch):
+    _finished_stage("ss_vae", pool, tmp_path)
+    _trainer("ss_flow", tmp_path, monkeypatch, pool).run(minutes=5, resume=False, max_steps=1)
+    nets, _ = train.load_networks(tmp_path, "ss_flow", ["sparse_structure_flow_model"], "cpu")
+    built = stages.build("sparse_structure_flow_model", TINY)
+    assert torch.equal(nets["sparse_structure_flow_model"].rope_phases, built.rope_phases)
+    assert built.rope_phases.imag.abs().max() > 0.1

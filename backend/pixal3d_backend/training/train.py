@@ -23,6 +23,12 @@ Flows can instead train on a pool that `flow_pool.py` writes (`--pool`); while i
 step sees: a `flow_pool.py` folder of other generator batches) logs the EMA weights' loss on it at the start, at
 every checkpoint and at the end, with the same noise and timesteps every time, so the numbers are comparable
 across checkpoints and runs.
+
+Two fine-tuning options: `--lr-decay F` lowers the learning rate linearly over the invocation's wall clock, to F
+times its rate at the end (the schedule follows the clock, so such a run is not bit-exact on resume);
+`--blocks N` deepens a flow stage's transformer to N blocks, starting from an `--init` with fewer: the earlier
+blocks keep their weights and the new ones start as the identity (`deepen`), so training resumes from the same
+function with more capacity.
 """
 from __future__ import annotations
 
@@ -96,9 +102,15 @@ def prefixed(tensors: dict[str, torch.Tensor], key: str) -> dict[str, torch.Tens
     return {k[len(key) + 1:]: v for k, v in tensors.items() if k.startswith(key + ".")}
 
 
+def trainable_state(tensors: dict[str, torch.Tensor], key: str) -> dict[str, torch.Tensor]:
+    """Network `key`'s state_dict from a stage's (fp16) weights, in fp32; complex buffers (a dense flow's RoPE
+    phases) stay complex, since casting them to float would drop their imaginary part."""
+    return {k: v.float() if v.is_floating_point() else v for k, v in prefixed(tensors, key).items()}
+
+
 def load_network(module: torch.nn.Module, tensors: dict[str, torch.Tensor], key: str) -> None:
     """Network `key` of a stage's (fp16) weights into a trainable fp32 module, strictly."""
-    module.load_state_dict({k: v.float() for k, v in prefixed(tensors, key).items()})
+    module.load_state_dict(trainable_state(tensors, key))
 
 
 def load_networks(out: Path, stage: str, keys, device, overrides=None) -> tuple[dict, dict]:
@@ -112,6 +124,28 @@ def load_networks(out: Path, stage: str, keys, device, overrides=None) -> tuple[
         load_network(net, tensors, key)
         nets[key] = net.to(device).eval().requires_grad_(False)
     return nets, meta
+
+
+def deepen(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> list[int]:
+    """Loads a flow transformer's `state` with fewer blocks into `module` (more blocks, same everything else) and
+    makes each block the state lacks an identity map: every residual branch's output layer (self-attention,
+    image attention and its projection, MLP) starts at zero, so the deepened flow computes what the state's flow
+    computes. Returns the indices of the new blocks (none: a strict load)."""
+    have = {int(k.split(".")[1]) for k in state if k.startswith("blocks.")}
+    new = [i for i in range(len(module.blocks)) if i not in have]
+    result = module.load_state_dict(state, strict=False)
+    unexplained = [k for k in result.missing_keys if not (k.startswith("blocks.") and int(k.split(".")[1]) in new)]
+    if result.unexpected_keys or unexplained:      # anything but whole new blocks: a strict load's error
+        raise RuntimeError(f"state does not fit {type(module).__name__}: unexpected keys {result.unexpected_keys}, "
+                           f"missing keys {unexplained}")
+    with torch.no_grad():
+        for i in new:
+            block = module.blocks[i]
+            for layer in (block.self_attn.to_out, block.cross_attn.cross_attn_block.to_out,
+                          block.cross_attn.proj_linear, block.mlp.mlp[-1]):
+                layer.weight.zero_()
+                layer.bias.zero_()
+    return new
 
 
 def dependencies(out: Path, stage: str, device, overrides=None) -> tuple[dict, dict]:
@@ -135,9 +169,19 @@ def latent_statistics(encoder, pool: Views, inputs, chunk: int = 8) -> dict:
 class Trainer:
     def __init__(self, stage: str, out: Path, device: str, seed: int = 0, workers: int = 0,
                  overrides: dict | None = None, log_every: int = 25, checkpoint_minutes: float = 3.0,
-                 pool_dir: Path | None = None, freeze_encoder: bool = False, val_dir: Path | None = None):
+                 pool_dir: Path | None = None, freeze_encoder: bool = False, val_dir: Path | None = None,
+                 blocks: int | None = None, lr_decay: float | None = None):
         if freeze_encoder and stage not in ("shape_vae", "tex_vae", "ss_vae"):
             raise ValueError(f"freeze_encoder is for VAE stages, not {stage}")
+        if blocks is not None:
+            if not stage.endswith("_flow"):
+                raise ValueError(f"blocks deepens a flow's transformer; {stage} has none")
+            flow = trained_keys(stage)[0]
+            cfg = stage_config(flow, overrides)
+            overrides = {**(overrides or {}), flow: {**cfg, "args": {**cfg["args"], "num_blocks": blocks}}}
+        if lr_decay is not None and not 0.0 <= lr_decay <= 1.0:
+            raise ValueError(f"lr_decay is the final fraction of the learning rate, in [0, 1]: {lr_decay}")
+        self.lr_decay, self.lr_progress = lr_decay, lambda: 0.0
         self.name, self.dir, self.device = stage, out / stage, torch.device(device)
         self.freeze_encoder = freeze_encoder
         self.seed, self.workers, self.log_every, self.pool_dir = seed, workers, log_every, pool_dir
@@ -237,6 +281,8 @@ class Trainer:
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.step)
         batch = pool.select(torch.randperm(len(pool), generator=gen)[:VIEWS_PER_STEP[self.name]])
         lr = LEARNING_RATE[self.name] * min(1.0, (self.step + 1) / WARMUP_STEPS)
+        if self.lr_decay is not None:
+            lr *= 1.0 - (1.0 - self.lr_decay) * min(1.0, self.lr_progress())
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
@@ -267,12 +313,17 @@ class Trainer:
             missing = [k for k in keys if k not in networks]
             if missing:
                 raise ValueError(f"{source} has no {missing} to initialise stage {self.name} from")
-            for key in keys:
-                self.models[key].load_state_dict(networks[key].state_dict())
+            states = {key: networks[key].state_dict() for key in keys}
         else:
             tensors, _ = load_weights(source / self.name / "weights.safetensors")
-            for key in keys:
-                load_network(self.models[key], tensors, key)
+            states = {key: trainable_state(tensors, key) for key in keys}
+        for key, state in states.items():
+            if self.name.endswith("_flow") and key == encoder:       # a flow stage's first network is its flow
+                new_blocks = deepen(self.models[key], state)
+                if new_blocks:
+                    self.log({"event": "deepen", "network": key, "new_blocks": new_blocks})
+            else:
+                self.models[key].load_state_dict(state)
         self.ema = EMA(self.models)
 
     def freeze_trained_encoder(self) -> None:
@@ -289,6 +340,7 @@ class Trainer:
             init: Path | None = None) -> None:
         """Trains for `minutes` of wall clock (pool generation included) or until step `max_steps`."""
         start = time.monotonic()
+        self.lr_progress = lambda: (time.monotonic() - start) / (60 * minutes)
         resumed = resume and (self.dir / "state.pt").is_file()
         if resumed:
             self.load()
@@ -301,7 +353,8 @@ class Trainer:
         self.log({"event": "start", "step": self.step, "resumed": resumed, "torch": torch.__version__,
                   "frozen_encoder": self.freeze_encoder,
                   "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
-                  "views_per_step": VIEWS_PER_STEP[self.name], "minutes": minutes,
+                  "views_per_step": VIEWS_PER_STEP[self.name], "minutes": minutes, "lr_decay": self.lr_decay,
+                  "configs": {k: stage_config(k, self.overrides) for k in self.models},
                   "init": str(init) if init is not None and not resumed else None})
         pool = self.build_pool(60 * minutes, max_pool_batches)
         self.validate()
@@ -366,6 +419,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--freeze-encoder", action="store_true",
                    help="VAE stages: train the decoder alone on the latents of the encoder in OUT/<stage>/weights "
                         "(keeps the flows trained on those latents valid)")
+    p.add_argument("--lr-decay", type=float, default=None, metavar="F",
+                   help="lower the learning rate linearly over this invocation's minutes, to F times its rate")
+    p.add_argument("--blocks", type=int, default=None, metavar="N",
+                   help="flow stages: a transformer of N blocks; from an --init with fewer, the new blocks start as "
+                        "the identity (pass it again with --resume)")
     args = p.parse_args(argv)
     # Every flow batch packs a new mix of token counts: cuDNN attention would build an execution plan for each new
     # shape (the first minutes of a run were ~25x slower per step than its end); flash attention builds none.
@@ -376,7 +434,8 @@ def main(argv: list[str] | None = None) -> None:
             p.error(f"--pool and --val-pool hold flow training data; stage {stage} generates its own")
         trainer = Trainer(stage, args.out, args.device, args.seed, args.workers,
                           checkpoint_minutes=args.checkpoint_minutes, pool_dir=args.pool,
-                          freeze_encoder=args.freeze_encoder, val_dir=args.val_pool)
+                          freeze_encoder=args.freeze_encoder, val_dir=args.val_pool, blocks=args.blocks,
+                          lr_decay=args.lr_decay)
         trainer.run(minutes, args.resume, args.max_steps, init=args.init)
 
 
