@@ -151,8 +151,8 @@ class OracleGenerator:
     """Returns the ground truth of eval object `seed` itself (the flexible-dual-grid mesh of its posed SDF) with a
     flat grey texture, placed like a generation: in the GLB frame of the crop camera the service would use."""
 
-    def __init__(self, seed: int):
-        self.seed = seed
+    def __init__(self, seed: int, device: str = "cpu"):
+        self.seed, self.device = seed, torch.device(device)     # the eval measures on the generator's device
         self.model = SimpleNamespace(default_options={"resolution": 256}, model_id="oracle", model_hash="0")
 
     def capabilities(self):
@@ -189,6 +189,17 @@ def test_oracle_scores_near_perfect_geometry(tmp_path):
     assert o["f@0.05_full"] > 0.99 and o["f@0.05_visible"] > 0.99
     assert json.loads((tmp_path / "metrics.json").read_text())["objects"][0]["seed"] == seed
     assert (tmp_path / f"{seed}.png").is_file()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the eval's CUDA path needs a GPU")
+def test_the_eval_measures_the_same_on_the_gpu_as_on_the_cpu():
+    """Beside a CUDA model the ground truth, the renders and the nearest-neighbour search run on the GPU; the
+    numbers are the CPU path's up to floating-point differences."""
+    seed = seed_of("eval", 0)
+    options = EvalOptions(image_size=128, points=4000)
+    cpu, gpu = (evaluation.evaluate(OracleGenerator(seed, d), [seed], options)["objects"][0] for d in ("cpu", "cuda"))
+    for key in evaluation.METRICS:
+        assert gpu[key] == pytest.approx(cpu[key], rel=0.02, abs=0.005), key
 
 
 def test_an_eval_object_the_server_would_reject_is_reported_not_averaged(tmp_path):

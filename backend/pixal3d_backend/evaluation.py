@@ -89,7 +89,7 @@ def ssim_map(a: Tensor, b: Tensor, window: int = 11, sigma: float = 1.5) -> Tens
     c1, c2 = 0.01 ** 2, 0.03 ** 2
     x = torch.arange(window, dtype=torch.float64) - (window - 1) / 2.0
     g = torch.exp(-x ** 2 / (2.0 * sigma ** 2))
-    g = (g / g.sum()).float()
+    g = (g / g.sum()).float().to(a.device)
     kernel = (g[:, None] * g[None, :]).expand(a.shape[0], 1, window, window)
     blur = lambda t: F.conv2d(F.pad(t[None], [window // 2] * 4, mode="reflect"), kernel, groups=a.shape[0])[0]
     mu_a, mu_b = blur(a), blur(b)
@@ -111,18 +111,19 @@ def _nearest_in_bins(a: Tensor, b: Tensor, cell: float, max_pairs: int = 1 << 23
     key = lambda bins: (bins[:, 0] * side + bins[:, 1]) * side + bins[:, 2]
     order = key(bin_b).argsort()
     sorted_keys = key(bin_b)[order]
-    best = torch.full((len(a),), float("inf"))
-    for offset in torch.cartesian_prod(*[torch.tensor([-1, 0, 1])] * 3):
+    device = a.device
+    best = torch.full((len(a),), float("inf"), device=device)
+    for offset in torch.cartesian_prod(*[torch.tensor([-1, 0, 1], device=device)] * 3):
         k = key(bin_a + offset)
         start = torch.searchsorted(sorted_keys, k)
         count = torch.searchsorted(sorted_keys, k, right=True) - start
-        bounds = torch.searchsorted(count.cumsum(0), torch.arange(max_pairs, int(count.sum()) + max_pairs, max_pairs),
-                                    right=True)
+        bounds = torch.searchsorted(count.cumsum(0), torch.arange(max_pairs, int(count.sum()) + max_pairs, max_pairs,
+                                                                  device=device), right=True)
         for lo, hi in zip([0] + bounds[:-1].tolist(), bounds.tolist()):
             hi = max(hi, lo + 1)                                         # a single query may exceed the budget
             n = count[lo:hi]
-            query = torch.arange(lo, hi).repeat_interleave(n)
-            rank = torch.arange(int(n.sum())) - (n.cumsum(0) - n).repeat_interleave(n)
+            query = torch.arange(lo, hi, device=device).repeat_interleave(n)
+            rank = torch.arange(int(n.sum()), device=device) - (n.cumsum(0) - n).repeat_interleave(n)
             candidate = order[start[lo:hi].repeat_interleave(n) + rank]
             best.scatter_reduce_(0, query, (a[query] - b[candidate]).norm(dim=1), reduce="amin")
     return best
@@ -135,10 +136,10 @@ def nearest_distances(a: Tensor, b: Tensor, cell: float = 0.02) -> Tensor:
     many for all-pairs distances on a CPU. Grid bins find every neighbour within the bin side; queries with none
     that near are searched again with bins twice as large, until the bins span both point sets.
     """
-    best = torch.full((len(a),), float("inf"))
+    best = torch.full((len(a),), float("inf"), device=a.device)
     if not len(b):
         return best
-    todo = torch.arange(len(a))
+    todo = torch.arange(len(a), device=a.device)
     while len(todo):
         best[todo] = _nearest_in_bins(a[todo], b, cell)
         todo = todo[best[todo] > cell]
@@ -186,16 +187,17 @@ def visible(points: Tensor, depth: Tensor, intrinsics: Intrinsics, tolerance: fl
 
 def model_to_camera(view: View, v: Tensor) -> Tensor:
     """Model-frame points of `view` -> its camera-local points (`camera.py`: p = v / mesh_scale - (0, 0, d))."""
-    return v / view.mesh_scale - torch.tensor([0.0, 0.0, view.distance], dtype=v.dtype)
+    return v / view.mesh_scale - torch.tensor([0.0, 0.0, view.distance], dtype=v.dtype, device=v.device)
 
 
 def camera_to_model(view: View, p: Tensor) -> Tensor:
-    return (p + torch.tensor([0.0, 0.0, view.distance], dtype=p.dtype)) * view.mesh_scale
+    return (p + torch.tensor([0.0, 0.0, view.distance], dtype=p.dtype, device=p.device)) * view.mesh_scale
 
 
 def posed(view: View, x: Tensor) -> Tensor:
     """Normalised-object points -> the view's model frame (`View.model_points`, in torch)."""
-    return view.scale * x @ torch.tensor(view.rotation, dtype=x.dtype).T + torch.tensor(view.translation, dtype=x.dtype)
+    as_tensor = lambda a: torch.tensor(a, dtype=x.dtype, device=x.device)
+    return view.scale * x @ as_tensor(view.rotation).T + as_tensor(view.translation)
 
 
 def intrinsics_of(view: View, size: int) -> Intrinsics:
@@ -230,15 +232,16 @@ def render_ground_truth(field: ObjectField, view: View, size: int, supersample: 
     """Unlit albedo render of the procedural object (the counterpart of `render_mesh.render_albedo`)."""
     hi = size * supersample
     origins, dirs = pixel_rays(view, hi, field.device)
-    pixel_angle = torch.full((len(dirs),), 1.0 / scaled(intrinsics_of(view, size), supersample).focal)
+    pixel_angle = torch.full((len(dirs),), 1.0 / scaled(intrinsics_of(view, size), supersample).focal,
+                             device=field.device)
     hit, t = sphere_trace(field, origins, dirs, pixel_angle)
     points = origins[hit] + t[hit, None] * dirs[hit]
     _, part = field.sdf_and_part(points)
     attributes = field.attributes(points, part).clamp(0.0, 1.0)
-    image = torch.zeros(hi * hi, 5)
+    image = torch.zeros(hi * hi, 5, device=field.device)
     alpha = attributes[:, 5:6]
     image[hit] = torch.cat([attributes[:, :3] * alpha, alpha, torch.ones_like(alpha)], dim=1)
-    depth = torch.full((hi * hi,), float("inf"))
+    depth = torch.full((hi * hi,), float("inf"), device=field.device)
     depth[hit] = -model_to_camera(view, posed(view, points))[:, 2]
     pooled = F.avg_pool2d(image.reshape(hi, hi, 5).permute(2, 0, 1)[None], supersample)[0]
     return Rendered(color=pooled[:3], alpha=pooled[3], coverage=pooled[4], depth=depth.reshape(hi, hi))
@@ -250,14 +253,14 @@ def render_ground_truth(field: ObjectField, view: View, size: int, supersample: 
 
 def _png(rgba: Tensor) -> bytes:
     buf = io.BytesIO()
-    Image.fromarray((rgba.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy(), "RGBA").save(buf, "PNG")
+    Image.fromarray((rgba.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy(), "RGBA").save(buf, "PNG")
     return buf.getvalue()
 
 
 def _panel(color: Tensor, alpha: Tensor, background: float = 0.5) -> np.ndarray:
     """Display only: premultiplied colour [3, H, W] over a grey background, uint8 [H, W, 3]."""
     rgb = color + background * (1.0 - alpha)
-    return (rgb.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+    return (rgb.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
 
 
 def _grid(panels: list[list[np.ndarray]], labels: list[list[str]]) -> Image.Image:
@@ -273,8 +276,9 @@ def _grid(panels: list[list[np.ndarray]], labels: list[list[str]]) -> Image.Imag
 def evaluate_object(generator: Generator, seed: int, options: EvalOptions) -> tuple[dict, Image.Image]:
     t0 = time.perf_counter()
     size, ss = options.image_size, options.supersample
+    device = torch.device(getattr(generator, "device", "cpu"))   # the ground truth and metrics run beside the model
     obj = make_object(seed)
-    object_field = obj.field("cpu")
+    object_field = obj.field(device)
     surface = surface_samples(object_field, 32).cpu().double().numpy()           # as the dataset frames its views
     main = ProceduralDataset("eval", views_per_object=1).views(obj, surface)[0]
     views = [main] + [orbit_view(main, surface, 2 * math.pi * k / options.views) for k in range(1, options.views)]
@@ -290,10 +294,11 @@ def evaluate_object(generator: Generator, seed: int, options: EvalOptions) -> tu
     t_generate = time.perf_counter() - t_generate
 
     asset = generation.asset
-    faces = torch.from_numpy(asset.faces.astype(np.int64))
-    placement = torch.from_numpy(generation.glb_to_camera()).float()
-    cam_points = torch.from_numpy(asset.positions).float() @ placement[:3, :3].T + placement[:3, 3]
-    uvs, texture = torch.from_numpy(asset.uvs), torch.from_numpy(asset.base_color).float() / 255.0
+    faces = torch.from_numpy(asset.faces.astype(np.int64)).to(device)
+    placement = torch.from_numpy(generation.glb_to_camera()).float().to(device)
+    cam_points = torch.from_numpy(asset.positions).float().to(device) @ placement[:3, :3].T + placement[:3, 3]
+    uvs = torch.from_numpy(asset.uvs).to(device)
+    texture = torch.from_numpy(asset.base_color).to(device).float() / 255.0
     albedo = lambda points, K, s: render_albedo(points, faces, uvs, texture, K, asset.alpha_mode, asset.alpha_cutoff, s)
     K = intrinsics_of(main, size)
     gen = albedo(cam_points, K, ss)
@@ -305,9 +310,9 @@ def evaluate_object(generator: Generator, seed: int, options: EvalOptions) -> tu
     depth_scale = float((ref.depth[both] / gen.depth[both]).median()) if both.any() else 1.0
 
     rng = torch.Generator().manual_seed(seed)
-    reference = posed(main, surface_samples(object_field, 256).cpu().float())    # ~2-4e5 points
-    reference = reference[torch.randperm(len(reference), generator=rng)[:options.points]]
-    generated_cam = sample_surface(cam_points, faces, options.points, rng) * depth_scale
+    reference = posed(main, surface_samples(object_field, 256).float())    # ~2-4e5 points
+    reference = reference[torch.randperm(len(reference), generator=rng)[:options.points].to(device)]
+    generated_cam = sample_surface(cam_points.cpu(), faces.cpu(), options.points, rng).to(device) * depth_scale
     tolerance = options.visibility_tolerance / main.mesh_scale
     K_hi = scaled(K, ss)
     ref_visible = visible(model_to_camera(main, reference), ref.depth, K_hi, tolerance)
@@ -325,10 +330,10 @@ def evaluate_object(generator: Generator, seed: int, options: EvalOptions) -> tu
     model_points = camera_to_model(main, cam_points * depth_scale)
     overlap = torch.stack([gt_mask, gen_mask, torch.zeros_like(gt_mask)]).float()
     top = [_panel(renders.conditioning[0], renders.rgba[0, 3]), _panel(gen.color, gen.alpha)]
-    bottom = [(overlap * 255).byte().permute(1, 2, 0).numpy(), _panel(ref.color, ref.alpha)]
+    bottom = [(overlap * 255).byte().permute(1, 2, 0).cpu().numpy(), _panel(ref.color, ref.alpha)]
     for azimuth in NOVEL_AZIMUTHS:
         novel = orbit_view(main, surface, math.radians(azimuth))
-        to_novel = torch.tensor(novel.rotation @ main.rotation.T, dtype=torch.float32)
+        to_novel = torch.tensor(novel.rotation @ main.rotation.T, dtype=torch.float32, device=device)
         novel_points = model_to_camera(novel, model_points @ to_novel.T)
         # Display only, so one sample per pixel: sphere tracing is the slowest part of an evaluation on a CPU.
         generated_view = albedo(novel_points, intrinsics_of(novel, size), 1)
@@ -365,6 +370,17 @@ def evaluate(model: LoadedModel | Generator, seeds: list[int], options: EvalOpti
     if options.out is not None:
         options.out.mkdir(parents=True, exist_ok=True)
     objects, rejected = [], []
+
+    def summary() -> dict:
+        result = {"model_id": generator.model.model_id, "model_hash": generator.model.model_hash,
+                  "options": {**{k: v for k, v in vars(options).items() if k not in ("generation", "out")},
+                              "generation": dict(options.generation)},
+                  "objects": objects, "rejected": rejected,
+                  "mean": {k: float(np.mean([o[k] for o in objects])) if objects else float("nan") for k in METRICS}}
+        if options.out is not None:       # after every object, so a run stopped early keeps what it measured
+            (options.out / "metrics.json").write_text(json.dumps(result, indent=2))
+        return result
+
     for seed in seeds:
         try:
             metrics, grid = evaluate_object(generator, seed, options)
@@ -376,25 +392,27 @@ def evaluate(model: LoadedModel | Generator, seeds: list[int], options: EvalOpti
         on_object(metrics)
         if options.out is not None:
             grid.save(options.out / f"{seed}.png")
-    result = {"model_id": generator.model.model_id, "model_hash": generator.model.model_hash,
-              "options": {**{k: v for k, v in vars(options).items() if k not in ("generation", "out")},
-                          "generation": dict(options.generation)},
-              "objects": objects, "rejected": rejected,
-              "mean": {k: float(np.mean([o[k] for o in objects])) if objects else float("nan") for k in METRICS}}
-    if options.out is not None:
-        (options.out / "metrics.json").write_text(json.dumps(result, indent=2))
-    return result
+        summary()
+    return summary()
+
+
+TABLE_COLUMNS = {"iou": "IoU", "psnr": "PSNR", "ssim": "SSIM", "chamfer_visible": "CD vis", "f@0.01_visible": "F.01 vis",
+                 "f@0.05_visible": "F.05 vis", "chamfer_full": "CD full", "f@0.05_full": "F.05 full",
+                 "depth_scale": "d-scale"}
+
+
+def table_header() -> str:
+    return f"{'seed':>15} {'category':<9}" + "".join(f"{s:>10}" for s in TABLE_COLUMNS.values()) + f"{'time s':>8}"
+
+
+def table_row(o: dict) -> str:
+    return (f"{o['seed']:>15} {o['category']:<9}" + "".join(f"{o[k]:>10.4f}" for k in TABLE_COLUMNS)
+            + f"{o['total_s']:>8.1f}")
 
 
 def table(result: dict) -> str:
-    names = ("iou", "psnr", "ssim", "chamfer_visible", "f@0.01_visible", "f@0.05_visible", "chamfer_full",
-             "f@0.05_full", "depth_scale")
-    short = ("IoU", "PSNR", "SSIM", "CD vis", "F.01 vis", "F.05 vis", "CD full", "F.05 full", "d-scale")
-    lines = [f"{'seed':>15} {'category':<9}" + "".join(f"{s:>10}" for s in short) + f"{'time s':>8}"]
-    for o in result["objects"]:
-        lines.append(f"{o['seed']:>15} {o['category']:<9}" + "".join(f"{o[k]:>10.4f}" for k in names)
-                     + f"{o['total_s']:>8.1f}")
-    lines.append(f"{'mean':>15} {'':<9}" + "".join(f"{result['mean'][k]:>10.4f}" for k in names))
+    lines = [table_header(), *map(table_row, result["objects"])]
+    lines.append(f"{'mean':>15} {'':<9}" + "".join(f"{result['mean'][k]:>10.4f}" for k in TABLE_COLUMNS))
     lines += [f"{o['seed']:>15} {o['category']:<9} not generated: {o['error']}" for o in result.get("rejected", [])]
     return "\n".join(lines)
 
@@ -435,9 +453,9 @@ def main(argv: list[str]) -> int:
     for views in dict.fromkeys(a.views):
         out = a.out / f"views{views}" if len(a.views) > 1 else a.out
         options = EvalOptions(image_size=a.image_size, views=views, points=a.points, generation=generation, out=out)
-        report = lambda m: print(f"{views} view(s), {m['seed']} {m['category']}: " + (
-            f"not generated: {m['error']}" if "error" in m else
-            f"IoU {m['iou']:.3f}, CD full {m['chamfer_full']:.4f}, {m['total_s']:.0f} s"), file=sys.stderr, flush=True)
+        print(f"{views} view(s):\n{table_header()}", file=sys.stderr, flush=True)
+        report = lambda m: print(f"{m['seed']:>15} {m['category']:<9} not generated: {m['error']}" if "error" in m
+                                 else table_row(m), file=sys.stderr, flush=True)
         results[views] = evaluate(model, seeds, options, report)
         print(f"{views} view(s):\n{table(results[views])}\nwrote {out / 'metrics.json'} and {len(seeds)} grids")
     if len(results) > 1:
