@@ -94,8 +94,8 @@ STAGES = tuple(PLAN_MINUTES)
 # Generation options the bundled model ships with (pipeline.json "default_options", read by loading.load_model):
 # sized for a CPU-only machine. 50k faces and 1024^2 maps hold what a 256^3 decode resolves; the normal map needs
 # the closest-point index over the full decoded mesh, the slowest export step on a CPU, so it is opt-in.
-# 8 sampler steps per stage instead of the official 12: a third less sampling on a CPU for the same geometry
-# (held-out objects 0, 2, 6, 7 on the H200, 2026-11-22: IoU 0.888 vs 0.891, F@0.05 visible 0.717 vs 0.711,
-# full Chamfer 0.0459 vs 0.0462; BENCHMARKS.md). Requests that name their own steps keep them.
+# 6 sampler steps per stage instead of the official 12: half the sampling on a CPU for the same geometry (29
+# held-out objects on the H200 at these export settings, 2026-11-22: 6 vs 8 steps IoU 0.774 vs 0.772, F@0.05
+# visible 0.615 vs 0.610; 8 vs 12 measured equal before; BENCHMARKS.md). Requests that name their steps keep them.
 DEFAULT_OPTIONS = {"face_target": 50_000, "texture_size": 1024, "remesh": True, "normal_map": False,
-                   "ss_steps": 8, "shape_steps": 8, "tex_steps": 8}
+                   "ss_steps": 6, "shape_steps": 6, "tex_steps": 6}
