@@ -17,8 +17,9 @@
 #              (every flow's learning rate decays to a tenth; GPU 3 trains a second SS flow, SS_VARIANT's arguments
 #              (here deepened to 6 blocks) on the same pool into its own run folder, instead of the texture VAE)
 #              then, from that call's 3-block SS flow and the other flows exported into INIT:
-#              FIRST_BATCH=40000 TEXVAE_FROM=.device_carry/texvae1 TEXVAE_ARGS=--freeze-encoder TEXVAE_INIT=$INIT
-#              FLOW_ARGS="--lr-decay 0.1" bash grow_x4.sh   (the shipped texture decoder goes on, encoder frozen)
+#              FIRST_BATCH=40000 TEXVAE_FROM=.device_carry/texvae1 TEXVAE_ARGS="--freeze-encoder --lr-decay 0.1"
+#              TEXVAE_INIT=backend/pixal3d_backend/default_model FLOW_ARGS="--lr-decay 0.1" bash grow_x4.sh
+#              (the shipped texture decoder goes on, its encoder frozen)
 set -u
 export PYTHONPATH=$PWD/backend:$PWD/kernels PYTHONUNBUFFERED=1 PIXAL3D_SPARSE_CONV=torch
 TOTAL_MIN=${TOTAL_MIN:-8.4}; FIRST_BATCH=${FIRST_BATCH:-10000}; VAL_BATCH=${VAL_BATCH:-50000000}
