@@ -215,9 +215,9 @@ def test_an_eval_object_the_server_would_reject_is_reported_not_averaged(tmp_pat
 
 @pytest.mark.slow
 def test_default_model_beats_its_measured_floor(tmp_path):
-    """The shipped model on held-out object 0. Measured on 2026-11-22 (BENCHMARKS.md, `pixal3d eval`, H200): IoU
-    0.882, F@0.05 visible 0.917, full 0.923; with this test's fewer surface samples and faces on a CPU: 0.863, 0.900,
-    0.919 (the session-5 model: 0.871, 0.643, 0.684). The floors sit below them, well above what an unplaced or
+    """The shipped model on held-out object 0 with its default options. Measured on 2026-11-22 (BENCHMARKS.md,
+    `pixal3d eval --face-target 50000`, H200): IoU 0.875, F@0.05 visible 0.902, full 0.918; with this test's fewer
+    surface samples and 512² maps on a CPU: 0.873, 0.890, 0.905 (the session-5 model: 0.871, 0.643, 0.684). The floors sit below them, well above what an unplaced or
     empty asset scores (IoU ~0, F-scores ~0), and above the session-5 model's F-scores and the first shipped model
     (IoU 0.794, F@0.05 visible 0.302, full 0.383), which trained on whole renders instead of crop views."""
     from pixal3d_backend.loading import load_model
