@@ -406,6 +406,9 @@ def table_header() -> str:
 
 
 def table_row(o: dict) -> str:
+    """An object's metrics, or for an object the server rejected (`evaluate`'s "rejected"), why."""
+    if "error" in o:
+        return f"{o['seed']:>15} {o['category']:<9} not generated: {o['error']}"
     return (f"{o['seed']:>15} {o['category']:<9}" + "".join(f"{o[k]:>10.4f}" for k in TABLE_COLUMNS)
             + f"{o['total_s']:>8.1f}")
 
@@ -413,7 +416,7 @@ def table_row(o: dict) -> str:
 def table(result: dict) -> str:
     lines = [table_header(), *map(table_row, result["objects"])]
     lines.append(f"{'mean':>15} {'':<9}" + "".join(f"{result['mean'][k]:>10.4f}" for k in TABLE_COLUMNS))
-    lines += [f"{o['seed']:>15} {o['category']:<9} not generated: {o['error']}" for o in result.get("rejected", [])]
+    lines += map(table_row, result.get("rejected", []))
     return "\n".join(lines)
 
 
@@ -454,8 +457,7 @@ def main(argv: list[str]) -> int:
         out = a.out / f"views{views}" if len(a.views) > 1 else a.out
         options = EvalOptions(image_size=a.image_size, views=views, points=a.points, generation=generation, out=out)
         print(f"{views} view(s):\n{table_header()}", file=sys.stderr, flush=True)
-        report = lambda m: print(f"{m['seed']:>15} {m['category']:<9} not generated: {m['error']}" if "error" in m
-                                 else table_row(m), file=sys.stderr, flush=True)
+        report = lambda m: print(table_row(m), file=sys.stderr, flush=True)
         results[views] = evaluate(model, seeds, options, report)
         print(f"{views} view(s):\n{table(results[views])}\nwrote {out / 'metrics.json'} and {len(seeds)} grids")
     if len(results) > 1:

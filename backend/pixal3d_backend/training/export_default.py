@@ -155,9 +155,10 @@ def model_card(run: Path, evaluation: dict, models: dict[str, dict], sizes: dict
         "## Limitations", "",
         "Trained for minutes on procedural objects only: expect coarse geometry and flat textures on real photos, "
         "thin parts and concavities that the 32^3 tokens and the 256^3 decoder cannot resolve, and no knowledge of "
-        "real object categories. Colours are often wrong (masked PSNR ~11 dB on albedo). The sparse structure is the weakest stage: given the true "
-        "structure, the same flows score F@0.05 ~0.97 on held-out objects, so depth errors come from it. It exists "
-        "so that the product works offline; use the official weights for quality.", "",
+        "real object categories. Colours are often wrong (masked PSNR ~11 dB on albedo). The sparse structure is "
+        "the weakest stage: given the true structure, the same flows score F@0.05 ~0.97 on held-out objects, so "
+        "depth errors come from it. It exists so that the product works offline; use the official weights for "
+        "quality.", "",
     ]
     return "\n".join(lines)
 

@@ -354,7 +354,6 @@ class Trainer:
                   "frozen_encoder": self.freeze_encoder,
                   "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
                   "views_per_step": VIEWS_PER_STEP[self.name], "minutes": minutes, "lr_decay": self.lr_decay,
-                  "configs": {k: stage_config(k, self.overrides) for k in self.models},
                   "init": str(init) if init is not None and not resumed else None})
         pool = self.build_pool(60 * minutes, max_pool_batches)
         self.validate()
