@@ -19,7 +19,7 @@ from pixal3d_backend.camera import R_MODEL_TO_GLB, CropCamera, Intrinsics
 from pixal3d_backend.export import ExportOptions, GlbCamera, export_asset, write_glb
 from pixal3d_backend.export.bake import vertex_tangents
 from pixal3d_backend.export.decimate import decimate
-from pixal3d_backend.export.remesh import remesh
+from pixal3d_backend.export.remesh import WALL_CELLS, remesh
 from pixal3d_backend.export.unwrap import UnwrapMethod
 
 RES = 48
@@ -141,14 +141,55 @@ def test_remesh_keeps_closed_input_watertight():
     parts = trimesh.util.concatenate([torus, box])
     out = _remeshed(parts)
     assert out.is_watertight and out.is_winding_consistent
-    # the surface stays on the input: every output vertex is within a grid cell of it
+    # the surface is the input grown by WALL_CELLS grid cells: no output vertex farther from it (but for rounding), none closer
+    # than 0.4 cell less (marching cubes interpolates along grid edges whose far end only knows d > 1 cell), and
+    # the volume grown by about area * that
+    eps = WALL_CELLS / 64
     _, dist, _ = trimesh.proximity.closest_point_naive(parts, out.vertices[::20])
-    assert dist.max() < 1.0 / 64
-    assert abs(out.volume - parts.volume) < 0.03 * parts.volume
+    assert eps - 0.4 / 64 < dist.min() and dist.max() < eps + 0.05 / 64, (dist.min(), dist.max())
+    grown = parts.volume + parts.area * eps
+    assert abs(out.volume - grown) < 0.03 * grown, (out.volume, grown)
     # overlapping closed parts (self-intersecting input) still give a closed, consistently oriented surface
     box.apply_translation((0.0, 0.0, -0.2))
     out = _remeshed(trimesh.util.concatenate([torus, box]))
     assert out.is_watertight and out.is_winding_consistent and out.volume > 0
+
+
+def _components(faces: np.ndarray) -> int:
+    """Connected components of a triangle list (label propagation; no scipy in the test environment)."""
+    label = np.arange(faces.max() + 1)
+    while True:
+        low = label[faces].min(1)
+        before = label.copy()
+        for k in range(3):
+            np.minimum.at(label, faces[:, k], low)
+        label = label[label]
+        if np.array_equal(label, before):
+            return len(np.unique(label[np.unique(faces)]))
+
+
+def test_remesh_of_a_messy_decoded_surface_survives_decimation():
+    """What a decoder gives: a closed sphere with random face winding, a sheet inside it and a hole in it. The
+    remesh is one closed surface around the sphere (no inner shells or bubbles) and decimating it to ~2 % of its
+    faces keeps the solid: a sign read from the winding made inner shells that the decimation collapsed into
+    holes (input-view IoU of exported assets fell from 0.88 to 0.82 on held-out objects)."""
+    rng = np.random.default_rng(0)
+    sphere = trimesh.creation.icosphere(4, radius=0.35)
+    faces = sphere.faces.copy()
+    flip = rng.random(len(faces)) < 0.5
+    faces[flip] = faces[flip][:, ::-1]
+    centroids = sphere.triangles_center
+    faces = np.delete(faces, np.argmin(np.linalg.norm(centroids - [0.35, 0, 0], axis=1)), 0)  # a 1.5-cell hole
+    sheet = trimesh.creation.box((0.4, 0.4, 0.002))                                    # a thin sheet inside
+    mesh = trimesh.util.concatenate([trimesh.Trimesh(sphere.vertices, faces, process=False), sheet])
+    out = _remeshed(mesh)
+    assert out.is_watertight and _components(out.faces) == 1
+    ball = 4 / 3 * np.pi * 0.35 ** 3
+    assert ball < out.volume < 1.15 * ball, (out.volume, ball)
+    v, f = decimate(out.vertices, out.faces, 2000)
+    low = trimesh.Trimesh(v, f, process=False)
+    assert abs(low.volume - out.volume) < 0.03 * out.volume, (low.volume, out.volume)
+    assert low.is_watertight
 
 
 def _read_glb(path):
