@@ -10,9 +10,10 @@ the input. At grid resolution R (spacing h = 1/R over the model cube, plus a mar
    an end in W. Every other vertex is outside if it is connected to the grid boundary without crossing W (flood
    fill), inside otherwise: holes narrower than ~2 eps are sealed and every cavity is filled.
 3. Marching cubes of d - eps on the outside vertices and a negative value on the rest, over the cells that touch
-   W. Inside vertices next to outside ones are all in W, so the surface is the eps-level of d around the outside
-   region: the closed 2-manifold boundary of a complete sign assignment, watertight, with no inner shells, lying
-   eps outside the input (an open sheet becomes a closed slab 2 eps thick, which the decimation keeps).
+   W (outside vertices beyond the band get their distance from their neighbours' closest triangles). Inside
+   vertices next to outside ones are all in W, so the surface is the eps-level of d around the outside region:
+   the boundary of a complete sign assignment (`marching_cubes`), closed, with no inner shells, lying eps outside
+   the input (an open sheet becomes a closed slab 2 eps thick, which the decimation keeps).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .closest import ClosestTriangleBand, Grid
+from .closest import ClosestTriangleBand, Grid, closest_on_triangles
 from .marching_cubes import marching_cubes
 
 _MARGIN = 2        # grid vertices beyond the model cube on each side, so the boundary is always outside
@@ -108,6 +109,31 @@ def remesh(vertices: torch.Tensor, faces: torch.Tensor, resolution: int) -> tupl
     cells = grid.index(torch.unique(grid.key((grid.index(wall_keys)[:, None, :] - corner[None]).clamp(0, n - 2))))
     keys = grid.key(cells[:, None, :] + corner[None])
     rows = band.lookup(keys)
-    far = torch.where(outside[keys], h, -h)
-    values = torch.where(rows >= 0, band_value[rows.clamp_min(0)], far)
+    values = torch.where(rows >= 0, band_value[rows.clamp_min(0)], torch.where(outside[keys], h, -h))
+    # An outside corner beyond the band (d > h) that shares a cube edge with a wall corner needs its own d - eps,
+    # not a clamped h, or the crossing on that edge moves by up to ~0.3 cell and the surface gets terraced:
+    # its distance to the closest triangles of its 6 neighbours (the wall one among them).
+    beyond = (rows < 0) & outside[keys]
+    far_keys, inverse = torch.unique(keys[beyond], return_inverse=True)
+    values[beyond] = (_distance_via_neighbours(vertices, faces, band, far_keys) - eps)[inverse]
     return marching_cubes(cells, values, grid.position, lambda i, a: grid.key(i) * 3 + a)
+
+
+_NEIGHBOURS = torch.tensor([[1, 0, 0], [-1, 0, 0], [0, 1, 0], [0, -1, 0], [0, 0, 1], [0, 0, -1]])
+
+
+def _distance_via_neighbours(vertices: torch.Tensor, faces: torch.Tensor, band: ClosestTriangleBand,
+                             keys: torch.Tensor) -> torch.Tensor:
+    """Distance [K] from grid vertices `keys` (outside the band) to the closest of their 6 neighbours' closest
+    triangles; the band radius where no neighbour is in the band."""
+    grid = band.grid
+    idx = grid.index(keys)
+    neighbours = (idx[:, None, :] + _NEIGHBOURS.to(idx.device)).clamp(0, grid.dims - 1)
+    rows = band.lookup(grid.key(neighbours))                                    # [K, 6]
+    tri = vertices[faces[band.triangle[rows.clamp_min(0)]]]                     # [K, 6, 3, 3]
+    p = grid.position(idx)[:, None, :].expand(-1, 6, -1)
+    a, b, c = tri.unbind(-2)
+    bary = closest_on_triangles(p, a, b, c)
+    closest = bary[..., 0:1] * a + bary[..., 1:2] * b + bary[..., 2:3] * c
+    d = torch.where(rows >= 0, (p - closest).norm(dim=-1), torch.full_like(p[..., 0], float("inf"))).amin(1)
+    return torch.where(torch.isfinite(d), d, torch.full_like(d, grid.spacing))
