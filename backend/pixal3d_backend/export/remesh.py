@@ -68,9 +68,9 @@ def flood_outside(wall: torch.Tensor) -> torch.Tensor:
 # The remeshed surface gets about this many times the face target, so the quadric decimation has room to place
 # the faces (more only slows it down: 5.8 M -> 1 M faces took 12.7 s on the H200 host, BENCHMARKS.md).
 DECIMATION_ROOM = 3.0
-# The coarsest remesh grid: it seals holes and thickens sheets thinner than ~2 / R. Coarser is also better for the
-# decimation: at 50k faces, a 192 grid (0.79 M faces to decimate) beat a 256 one (1.42 M) on 29 held-out objects
-# (IoU 0.816 vs 0.772, F@0.05 visible 0.629 vs 0.610, H200, 2026-11-22; BENCHMARKS.md).
+# The coarsest remesh grid: it seals holes narrower than ~1.5 / R and turns thinner sheets into slabs. At 50k faces
+# a 192 grid leaves the decimation 0.79 M faces on the README's mug instead of 1.42 M at 256, for the same assets
+# (29 held-out objects, H200, 2026-11-22: IoU 0.893 vs 0.892, F@0.05 visible 0.659 vs 0.661; BENCHMARKS.md).
 MIN_RESOLUTION = 192
 
 
@@ -89,7 +89,7 @@ WALL_CELLS = 0.75
 
 
 def remesh(vertices: torch.Tensor, faces: torch.Tensor, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Closed 2-manifold surface around the input at grid resolution `resolution` (model frame, cube
+    """Closed surface around the input at grid resolution `resolution` (model frame, cube
     [-0.5, 0.5]^3), `WALL_CELLS` / `resolution` outside it; see the module doc."""
     vertices = vertices.float()
     h = 1.0 / resolution
