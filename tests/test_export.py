@@ -21,6 +21,7 @@ from pixal3d_backend.export.bake import vertex_tangents
 from pixal3d_backend.export.decimate import decimate
 from pixal3d_backend.export.remesh import WALL_CELLS, remesh
 from pixal3d_backend.export.unwrap import UnwrapMethod
+from pixal3d_backend.mesh import _component_labels
 
 RES = 48
 RADIUS = 0.35
@@ -155,16 +156,10 @@ def test_remesh_keeps_closed_input_watertight():
 
 
 def _components(faces: np.ndarray) -> int:
-    """Connected components of a triangle list (label propagation; no scipy in the test environment)."""
-    label = np.arange(faces.max() + 1)
-    while True:
-        low = label[faces].min(1)
-        before = label.copy()
-        for k in range(3):
-            np.minimum.at(label, faces[:, k], low)
-        label = label[label]
-        if np.array_equal(label, before):
-            return len(np.unique(label[np.unique(faces)]))
+    """Connected components of a triangle list (the mesher's own labelling)."""
+    f = torch.as_tensor(np.asarray(faces, dtype=np.int64))
+    labels = _component_labels(int(f.max()) + 1, f.reshape(-1), f.roll(-1, dims=1).reshape(-1))
+    return len(torch.unique(labels[torch.unique(f)]))
 
 
 def test_remesh_of_a_messy_decoded_surface_survives_decimation():

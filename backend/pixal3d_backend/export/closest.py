@@ -53,7 +53,8 @@ def closest_on_triangles(p: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: t
     return bary
 
 
-def _point(bary: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+def triangle_point(bary: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """The point of barycentric coordinates `bary` [..., 3] on triangle (a, b, c)."""
     return bary[..., 0:1] * a + bary[..., 1:2] * b + bary[..., 2:3] * c
 
 
@@ -119,7 +120,7 @@ class ClosestTriangleBand:
             near = lower <= upper[slot] + 1e-4 * grid.spacing
             t, slot, p = t[near], slot[near], p[near]
             a, b, c = tri[t, 0], tri[t, 1], tri[t, 2]
-            d = (p - _point(closest_on_triangles(p, a, b, c), a, b, c)).norm(dim=-1)
+            d = (p - triangle_point(closest_on_triangles(p, a, b, c), a, b, c)).norm(dim=-1)
             inside = d <= radius
             # per grid vertex, the smallest (distance, triangle): non-negative float bits order like the floats
             pair = (d[inside].contiguous().view(torch.int32).long() << 32) | t[inside]
@@ -157,7 +158,7 @@ class ClosestTriangleBand:
             f = vertices[faces[cand]]                                            # [Q, 8, 3, 3]
             qq = q[:, None, :].expand(-1, 8, -1)
             bary = closest_on_triangles(qq, f[..., 0, :], f[..., 1, :], f[..., 2, :])
-            pts = _point(bary, f[..., 0, :], f[..., 1, :], f[..., 2, :])
+            pts = triangle_point(bary, f[..., 0, :], f[..., 1, :], f[..., 2, :])
             d = (pts - qq).norm(dim=-1).masked_fill(rows < 0, float("inf"))
             best = d.argmin(1)
             ar = torch.arange(q.shape[0], device=q.device)
