@@ -254,17 +254,21 @@ def test_a_flow_trains_on_pool_parts_as_they_appear_and_logs_a_repeatable_valida
 
 
 def test_a_deepened_flow_starts_as_the_flow_it_grew_from_and_trains_its_new_blocks(pool, tmp_path, monkeypatch):
-    """`train.py --blocks N --init RUN`: the earlier blocks keep their weights, the new ones start as the identity,
-    so the deepened flow's loss on a batch equals the shallow flow's; then the new blocks train, and the weights
-    carry the deeper config for the export and later loads."""
+    """`train.py --blocks N --encoder-layers M --init RUN`: the earlier blocks and encoder layers keep their weights,
+    the new ones start as the identity, so the deepened stage's loss on a batch equals the shallow stage's; then the
+    new blocks train (on minibatches of `--views-per-step`), and the weights carry the deeper configs for the export
+    and later loads."""
     import json
     _finished_stage("ss_vae", pool, tmp_path)
     shallow = _trainer("ss_flow", tmp_path, monkeypatch, pool)
     shallow.run(minutes=5, resume=False, max_steps=2)
-    deep = train.Trainer("ss_flow", tmp_path, "cpu", overrides=TINY, log_every=1, blocks=3)
+    layers = _DINO["num_hidden_layers"]
+    deep = train.Trainer("ss_flow", tmp_path, "cpu", overrides=TINY, log_every=1, blocks=3,
+                         encoder_layers=layers + 2, views_per_step=3)
     deep.initialise_from(tmp_path)
-    flow = deep.models["sparse_structure_flow_model"]
+    flow, encoder = deep.models["sparse_structure_flow_model"], deep.models["image_cond_model_ss"]
     assert len(flow.blocks) == 3 and len(shallow.models["sparse_structure_flow_model"].blocks) == 1
+    assert len(encoder.model.layer) == layers + 2
     shallow.models.load_state_dict(shallow.ema.state_dict(shallow.models))      # what the weights file holds
     batch = shallow.stage.prepare(pool.select(torch.tensor([0, 1])))
     with torch.no_grad():
@@ -274,12 +278,15 @@ def test_a_deepened_flow_starts_as_the_flow_it_grew_from_and_trains_its_new_bloc
 
     deep.run(minutes=5, resume=False, max_steps=2, init=tmp_path)
     assert flow.blocks[2].mlp.mlp[-1].weight.abs().sum() > 0                     # the new blocks learn
+    assert encoder.model.layer[layers + 1].mlp.down_proj.weight.abs().sum() > 0
     records = [json.loads(x) for x in (tmp_path / "ss_flow" / "log.jsonl").read_text().splitlines()]
-    assert {"event": "deepen", "network": "sparse_structure_flow_model", "new_blocks": [1, 2]}.items() <= \
-        [r for r in records if r.get("event") == "deepen"][-1].items()
-    nets, _ = train.load_networks(tmp_path, "ss_flow", ["sparse_structure_flow_model"], "cpu")
+    deepened = {r["network"]: r["new_blocks"] for r in records if r.get("event") == "deepen"}
+    assert deepened == {"sparse_structure_flow_model": [1, 2], "image_cond_model_ss": [layers, layers + 1]}
+    assert [r["views_per_step"] for r in records if r.get("event") == "start"][-1] == 3
+    nets, _ = train.load_networks(tmp_path, "ss_flow", ["sparse_structure_flow_model", "image_cond_model_ss"], "cpu")
     assert len(nets["sparse_structure_flow_model"].blocks) == 3
-    with pytest.raises(ValueError, match="deepens a flow"):
+    assert len(nets["image_cond_model_ss"].model.layer) == layers + 2
+    with pytest.raises(ValueError, match="deepen a flow stage"):
         train.Trainer("ss_vae", tmp_path, "cpu", overrides=TINY, blocks=3)
     with pytest.raises(RuntimeError, match="does not fit"):                  # fewer blocks than the state is no deepening
         train.deepen(shallow.models["sparse_structure_flow_model"], flow.state_dict())

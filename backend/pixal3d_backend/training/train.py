@@ -26,9 +26,11 @@ across checkpoints and runs.
 
 Two fine-tuning options: `--lr-decay F` lowers the learning rate linearly over the invocation's wall clock, to F
 times its rate at the end (the schedule follows the clock, so such a run is not bit-exact on resume);
-`--blocks N` deepens a flow stage's transformer to N blocks, starting from an `--init` with fewer: the earlier
-blocks keep their weights and the new ones start as the identity (`deepen`), so training resumes from the same
-function with more capacity.
+`--blocks N` deepens a flow stage's transformer to N blocks and `--encoder-layers N` its image encoder (DINOv3) to N
+layers, starting from an `--init` with fewer: the earlier blocks keep their weights and the new ones start as the
+identity (`deepen`), so training resumes from the same function with more capacity. `--views-per-step N` trains on
+larger (or smaller) minibatches than the stage's default; the validation loss keeps the default's chunks, so its
+numbers stay comparable across runs.
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -126,23 +129,36 @@ def load_networks(out: Path, stage: str, keys, device, overrides=None) -> tuple[
     return nets, meta
 
 
+def residual_blocks(module: torch.nn.Module) -> tuple[str, torch.nn.ModuleList, Callable]:
+    """(state-dict prefix, blocks, block -> the output layers of its residual branches) of a flow transformer or
+    of an image encoder's DINOv3 (whose layer scales multiply the branches after those layers)."""
+    if hasattr(module, "blocks"):
+        return "blocks.", module.blocks, lambda b: (b.self_attn.to_out, b.cross_attn.cross_attn_block.to_out,
+                                                    b.cross_attn.proj_linear, b.mlp.mlp[-1])
+    prefix = "model.layer." if hasattr(module.model, "layer") else "model.model.layer."      # transformers 4.x, 5.x
+    return prefix, module.dinov3_layers, lambda layer: (layer.attention.o_proj, layer.mlp.down_proj)
+
+
 def deepen(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> list[int]:
-    """Loads a flow transformer's `state` with fewer blocks into `module` (more blocks, same everything else) and
-    makes each block the state lacks an identity map: every residual branch's output layer (self-attention,
-    image attention and its projection, MLP) starts at zero, so the deepened flow computes what the state's flow
-    computes. Returns the indices of the new blocks (none: a strict load)."""
-    have = {int(k.split(".")[1]) for k in state if k.startswith("blocks.")}
-    new = [i for i in range(len(module.blocks)) if i not in have]
+    """Loads a flow transformer's or image encoder's `state` with fewer blocks into `module` (more blocks, same
+    everything else) and makes each block the state lacks an identity map: every residual branch's output layer
+    starts at zero, so the deepened network computes what the state's network computes. Returns the indices of
+    the new blocks (none: a strict load)."""
+    prefix, blocks, outputs = residual_blocks(module)
+    if hasattr(module, "checkpoint_keys"):     # an image encoder: the state's block names as the module has them
+        state = dict(state)
+        module.checkpoint_keys(state)
+    index = lambda k: int(k[len(prefix):].split(".")[0])
+    have = {index(k) for k in state if k.startswith(prefix)}
+    new = [i for i in range(len(blocks)) if i not in have]
     result = module.load_state_dict(state, strict=False)
-    unexplained = [k for k in result.missing_keys if not (k.startswith("blocks.") and int(k.split(".")[1]) in new)]
+    unexplained = [k for k in result.missing_keys if not (k.startswith(prefix) and index(k) in new)]
     if result.unexpected_keys or unexplained:      # anything but whole new blocks: a strict load's error
         raise RuntimeError(f"state does not fit {type(module).__name__}: unexpected keys {result.unexpected_keys}, "
                            f"missing keys {unexplained}")
     with torch.no_grad():
         for i in new:
-            block = module.blocks[i]
-            for layer in (block.self_attn.to_out, block.cross_attn.cross_attn_block.to_out,
-                          block.cross_attn.proj_linear, block.mlp.mlp[-1]):
+            for layer in outputs(blocks[i]):
                 layer.weight.zero_()
                 layer.bias.zero_()
     return new
@@ -170,15 +186,22 @@ class Trainer:
     def __init__(self, stage: str, out: Path, device: str, seed: int = 0, workers: int = 0,
                  overrides: dict | None = None, log_every: int = 25, checkpoint_minutes: float = 3.0,
                  pool_dir: Path | None = None, freeze_encoder: bool = False, val_dir: Path | None = None,
-                 blocks: int | None = None, lr_decay: float | None = None):
+                 blocks: int | None = None, lr_decay: float | None = None, encoder_layers: int | None = None,
+                 views_per_step: int | None = None):
         if freeze_encoder and stage not in ("shape_vae", "tex_vae", "ss_vae"):
             raise ValueError(f"freeze_encoder is for VAE stages, not {stage}")
+        if (blocks is not None or encoder_layers is not None) and not stage.endswith("_flow"):
+            raise ValueError(f"blocks and encoder_layers deepen a flow stage's networks; {stage} is not one")
         if blocks is not None:
-            if not stage.endswith("_flow"):
-                raise ValueError(f"blocks deepens a flow's transformer; {stage} has none")
             flow = trained_keys(stage)[0]
             cfg = stage_config(flow, overrides)
             overrides = {**(overrides or {}), flow: {**cfg, "args": {**cfg["args"], "num_blocks": blocks}}}
+        if encoder_layers is not None:
+            key = trained_keys(stage)[1]
+            cfg = stage_config(key, overrides)
+            dino = {**cfg["args"]["dinov3_config"], "num_hidden_layers": encoder_layers}
+            overrides = {**(overrides or {}), key: {**cfg, "args": {**cfg["args"], "dinov3_config": dino}}}
+        self.views_per_step = views_per_step or VIEWS_PER_STEP[stage]
         if lr_decay is not None and not 0.0 <= lr_decay <= 1.0:
             raise ValueError(f"lr_decay is the final fraction of the learning rate, in [0, 1]: {lr_decay}")
         self.lr_decay, self.lr_progress = lr_decay, lambda: 0.0
@@ -279,7 +302,7 @@ class Trainer:
 
     def train_step(self, pool: Views) -> dict[str, float]:
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.step)
-        batch = pool.select(torch.randperm(len(pool), generator=gen)[:VIEWS_PER_STEP[self.name]])
+        batch = pool.select(torch.randperm(len(pool), generator=gen)[:self.views_per_step])
         lr = LEARNING_RATE[self.name] * min(1.0, (self.step + 1) / WARMUP_STEPS)
         if self.lr_decay is not None:
             lr *= 1.0 - (1.0 - self.lr_decay) * min(1.0, self.lr_progress())
@@ -318,7 +341,7 @@ class Trainer:
             tensors, _ = load_weights(source / self.name / "weights.safetensors")
             states = {key: trainable_state(tensors, key) for key in keys}
         for key, state in states.items():
-            if self.name.endswith("_flow") and key == encoder:       # a flow stage's first network is its flow
+            if self.name.endswith("_flow"):           # a flow stage's networks: its flow and its image encoder
                 new_blocks = deepen(self.models[key], state)
                 if new_blocks:
                     self.log({"event": "deepen", "network": key, "new_blocks": new_blocks})
@@ -353,7 +376,7 @@ class Trainer:
         self.log({"event": "start", "step": self.step, "resumed": resumed, "torch": torch.__version__,
                   "frozen_encoder": self.freeze_encoder,
                   "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
-                  "views_per_step": VIEWS_PER_STEP[self.name], "minutes": minutes, "lr_decay": self.lr_decay,
+                  "views_per_step": self.views_per_step, "minutes": minutes, "lr_decay": self.lr_decay,
                   "init": str(init) if init is not None and not resumed else None})
         pool = self.build_pool(60 * minutes, max_pool_batches)
         self.validate()
@@ -423,6 +446,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--blocks", type=int, default=None, metavar="N",
                    help="flow stages: a transformer of N blocks; from an --init with fewer, the new blocks start as "
                         "the identity (pass it again with --resume)")
+    p.add_argument("--encoder-layers", type=int, default=None, metavar="N",
+                   help="flow stages: an image encoder of N DINOv3 layers, deepened like --blocks")
+    p.add_argument("--views-per-step", type=int, default=None, metavar="N",
+                   help="minibatch size (default: the stage's, stages.VIEWS_PER_STEP)")
     args = p.parse_args(argv)
     # Every flow batch packs a new mix of token counts: cuDNN attention would build an execution plan for each new
     # shape (the first minutes of a run were ~25x slower per step than its end); flash attention builds none.
@@ -434,7 +461,8 @@ def main(argv: list[str] | None = None) -> None:
         trainer = Trainer(stage, args.out, args.device, args.seed, args.workers,
                           checkpoint_minutes=args.checkpoint_minutes, pool_dir=args.pool,
                           freeze_encoder=args.freeze_encoder, val_dir=args.val_pool, blocks=args.blocks,
-                          lr_decay=args.lr_decay)
+                          lr_decay=args.lr_decay, encoder_layers=args.encoder_layers,
+                          views_per_step=args.views_per_step)
         trainer.run(minutes, args.resume, args.max_steps, init=args.init)
 
 

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Session 8 (4x H200, `run` from the repo root, OUT set by the device tool): the sparse-structure flow alone, four
+# variants side by side on one growing pool, each from the bundled model's SS flow, so their validation losses
+# (same held-out views, noise and timesteps) say which change to keep. The shape and texture flows are not trained.
+#   every GPU: 4 flow_pool processes writing a part every minute (batches from FIRST_BATCH; never used before);
+#   first, 4 processes write the validation pool (batches from VAL_BATCH, the same views as grow_x4.sh's);
+#   then GPU k trains variant k of VARIANTS ("name:train.py arguments", the name is its output's prefix).
+# Needs .device_carry/vae/<stage>/weights.safetensors (the VAE encoders, carried; the SS latents come from ss_vae).
+# Call:  FIRST_BATCH=50000 bash docs/training/default_model/ss_variants_x4.sh
+set -u
+export PYTHONPATH=$PWD/backend:$PWD/kernels PYTHONUNBUFFERED=1 PIXAL3D_SPARSE_CONV=torch
+TOTAL_MIN=${TOTAL_MIN:-8.6}; FIRST_BATCH=${FIRST_BATCH:-50000}; VAL_BATCH=${VAL_BATCH:-50000000}
+VARIANTS=${VARIANTS:-"A: B:--views-per-step=96 E:--encoder-layers=8 BE:--views-per-step=96,--encoder-layers=8"}
+INIT=backend/pixal3d_backend/default_model
+VAE=/tmp/vae; POOL=/tmp/pool; VAL=/tmp/val; LOG=$OUT/logs.txt
+mkdir -p $VAE $POOL $VAL && cp -r .device_carry/vae/* $VAE/
+nvidia-smi -L | tee -a $LOG
+for variant in $VARIANTS; do        # preflight: each variant builds and loads its start before the pool is made
+  args=${variant#*:}; rm -rf /tmp/preflight && mkdir -p /tmp/preflight && cp -r $VAE/* /tmp/preflight/
+  python - ${args//,/ } <<PY || { echo "variant $variant does not start" | tee -a $LOG; exit 1; }
+import argparse, sys
+from pathlib import Path
+from pixal3d_backend.training import train
+p = argparse.ArgumentParser(); p.add_argument("--views-per-step", type=int); p.add_argument("--encoder-layers", type=int)
+a = p.parse_args()
+t = train.Trainer("ss_flow", Path("/tmp/preflight"), "cpu", encoder_layers=a.encoder_layers, views_per_step=a.views_per_step)
+t.initialise_from(Path("$INIT"))
+PY
+done
+T0=$(date +%s)
+left() { awk -v t0=$T0 -v now=$(date +%s) -v total=$TOTAL_MIN -v less=$1 'BEGIN{print total - less - (now - t0) / 60}'; }
+VAL_PIDS=()
+for k in 0 1 2 3; do
+  CUDA_VISIBLE_DEVICES=$k OMP_NUM_THREADS=2 python -m pixal3d_backend.training.flow_pool --vae $VAE --out $VAL \
+    --shard $k --shards 4 --minutes 3 --max-batches 6 --first-batch $VAL_BATCH > /tmp/val_$k.log 2>&1 &
+  VAL_PIDS+=($!)
+done
+POOL_MIN=$(left 1.0)
+for k in $(seq 0 15); do
+  CUDA_VISIBLE_DEVICES=$((k % 4)) OMP_NUM_THREADS=2 python -m pixal3d_backend.training.flow_pool --vae $VAE --out $POOL \
+    --shard $k --shards 16 --minutes $POOL_MIN --save-every 1 --first-batch $FIRST_BATCH > /tmp/pool_$k.log 2>&1 &
+done
+wait "${VAL_PIDS[@]}"
+for k in 0 1 2 3; do tail -n 1 /tmp/val_$k.log; done | tee -a $LOG
+TRAIN_MIN=$(left 0.1)
+echo "flows start at $(( $(date +%s) - T0 )) s for $TRAIN_MIN min" | tee -a $LOG
+g=0; NAMES=()
+for variant in $VARIANTS; do
+  name=${variant%%:*}; args=${variant#*:}; NAMES+=($name)
+  mkdir -p /tmp/run_$name && cp -r $VAE/* /tmp/run_$name/
+  CUDA_VISIBLE_DEVICES=$g OMP_NUM_THREADS=4 python -m pixal3d_backend.training.train --stage ss_flow \
+    --minutes $TRAIN_MIN --out /tmp/run_$name --pool $POOL --val-pool $VAL --init $INIT --checkpoint-minutes 1.5 \
+    --lr-decay 0.1 ${args//,/ } > /tmp/train_$name.log 2>&1 &
+  g=$((g + 1))
+done
+wait
+for k in $(seq 0 15); do tail -n 1 /tmp/pool_$k.log; done | tee -a $LOG
+mkdir -p /tmp/logs && cp /tmp/*.log /tmp/logs/
+for name in "${NAMES[@]}"; do
+  d=/tmp/run_$name/ss_flow
+  cp $d/weights.safetensors $OUT/${name}_ss_flow_weights.safetensors
+  cp $d/log.jsonl /tmp/logs/${name}_ss_flow_log.jsonl
+  tail -n 3 /tmp/train_$name.log >> $LOG
+  echo "== $name" | tee -a $LOG
+  grep '"event": "pool"' $d/log.jsonl | tail -n 1 | cut -c1-200 | tee -a $LOG
+  grep '"event": "val"' $d/log.jsonl | cut -c1-200 | tee -a $LOG
+  echo "$name last: $(grep -v '"event"' $d/log.jsonl | tail -n 1 | cut -c1-300)" | tee -a $LOG
+done
+tar -czf $OUT/logs.tgz -C /tmp/logs .
