@@ -19,7 +19,7 @@ def input_spec(context) -> dict:
     """The inputs of a generation as chosen in the panel (also what provenance records for Regenerate)."""
     settings = context.scene.pixal3d
     spec = {"source": settings.source, "depth": settings.depth, "parent_to_camera": settings.parent_to_camera,
-            "options": dataclasses.asdict(properties.options_from(settings))}
+            "options": dataclasses.asdict(properties.options_from(settings)), "model_defaults": settings.model_defaults}
     if settings.source == "CAMERA":
         spec["cameras"] = [context.scene.camera.name] if context.scene.camera else []
     elif settings.source == "CAMERAS":
@@ -89,7 +89,9 @@ def build_job(context, spec: dict) -> tuple[worker.Job, runtime.Target]:
         camera_name, warnings = None, []
         create_camera = {"lens": spec["photo_lens"], "resolution": [views[0].camera.width, views[0].camera.height]}
     options = protocol.Options(**spec["options"])
-    job = worker.Job(connection=prefs.connection(), views=views, options=options, depth=spec["depth"])
+    # Provenance from before "model_defaults" recorded the options it sent as they were.
+    job = worker.Job(connection=prefs.connection(), views=views, options=options, depth=spec["depth"],
+                     model_defaults=spec.get("model_defaults", False))
     provenance = dict(spec, rig_warnings=warnings) if len(views) > 1 else dict(spec)
     target = runtime.Target(scene_name=scene.name, camera_world=camera_world, camera_name=camera_name,
                             name=f"Pixal3D {label}", parent_to_camera=spec["parent_to_camera"],

@@ -1,7 +1,7 @@
 """The "Pixal3D" tab in the 3D view's sidebar."""
 import bpy
 
-from . import operators
+from . import operators, properties
 
 
 class _SidebarPanel:
@@ -17,6 +17,19 @@ class _SubPanel(_SidebarPanel):
 
 class _ClosedSubPanel(_SubPanel):
     bl_options = {'DEFAULT_CLOSED'}
+
+
+def _option(layout, context, name: str) -> None:
+    """An option's field, or, while Model Defaults is on and the connected model suggests this option, the model's
+    value greyed out (it is what the job will send)."""
+    settings, status = context.scene.pixal3d, context.window_manager.pixal3d
+    suggested = properties.model_options(status)
+    if settings.model_defaults and name in suggested:
+        row = layout.row()
+        row.active = False
+        row.label(text=properties.option_text(name, suggested[name]) + " (model)")
+    else:
+        layout.prop(settings, name)
 
 
 class PIXAL3D_PT_main(_SidebarPanel, bpy.types.Panel):
@@ -51,8 +64,9 @@ class PIXAL3D_PT_main(_SidebarPanel, bpy.types.Panel):
         row.prop(settings, "seed", text="")
         row.prop(settings, "random_seed", text="", icon='FILE_REFRESH')
         layout.prop(settings, "resolution")
-        layout.prop(settings, "face_target")
-        layout.prop(settings, "texture_size")
+        layout.prop(settings, "model_defaults")
+        _option(layout, context, "face_target")
+        _option(layout, context, "texture_size")
 
         row = layout.row(align=True)
         row.scale_y = 1.4
@@ -86,12 +100,12 @@ class PIXAL3D_PT_sampling(_ClosedSubPanel, bpy.types.Panel):
         settings = context.scene.pixal3d
         for stage in ("ss", "shape", "tex"):
             col = layout.column(align=True)
-            col.prop(settings, f"{stage}_steps")
+            _option(col, context, f"{stage}_steps")
             col.prop(settings, f"{stage}_guidance")
         col = layout.column(heading="Mesh")
-        col.prop(settings, "remesh")
+        _option(col, context, "remesh")
         col.prop(settings, "unwrap")
-        col.prop(settings, "normal_map")
+        _option(col, context, "normal_map")
         col.prop(settings, "low_vram")
 
 

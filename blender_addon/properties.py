@@ -2,6 +2,7 @@
 never saved). Generation options are built from `protocol.Options`, the one place their defaults and ranges
 are defined."""
 import dataclasses
+import json
 
 import bpy
 from bpy.props import BoolProperty, EnumProperty, FloatProperty, IntProperty, PointerProperty, StringProperty
@@ -73,6 +74,11 @@ class PIXAL3D_PG_settings(bpy.types.PropertyGroup):
                     "camera so it still lines up with the image. 0 keeps the generated size")
     parent_to_camera: BoolProperty(name="Parent to Camera", default=False,
                                    description="Parent the generated object to its camera so they move together")
+    model_defaults: BoolProperty(
+        name="Model Defaults", default=True,
+        description="Use the options the loaded model suggests (the bundled model: 6 sampler steps, 50,000 faces, "
+                    "1024 px maps, sized for a CPU) instead of the values set here; the official weights suggest "
+                    "none, so this changes nothing with them")
 
 
 class PIXAL3D_PG_status(bpy.types.PropertyGroup):
@@ -85,8 +91,25 @@ class PIXAL3D_PG_status(bpy.types.PropertyGroup):
     message: StringProperty()
     last_error: StringProperty()
     backend: StringProperty()       # "device, model" from the last hello
+    model_options: StringProperty(default="{}")     # JSON of that model's suggested options (Model Defaults)
     # Kept in step with step/total by the timer (see options_from for why this is not a Python property).
     fraction: FloatProperty(min=0.0, max=1.0)
+
+
+def model_options(status: PIXAL3D_PG_status) -> dict:
+    """The options the last backend that answered suggests for its model (nothing before one has)."""
+    return json.loads(status.model_options or "{}")
+
+
+def option_text(name: str, value) -> str:
+    """How the panel shows an option's value in words, e.g. "Face Target: 50,000"."""
+    if isinstance(value, bool):
+        shown = "On" if value else "Off"
+    elif name in ("texture_size", "resolution"):
+        shown = f"{value} px"
+    else:
+        shown = f"{value:,}"
+    return f"{_LABELS[name]}: {shown}"
 
 
 def options_from(settings: PIXAL3D_PG_settings) -> protocol.Options:

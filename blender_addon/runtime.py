@@ -3,6 +3,8 @@ worker's events (bounded time per tick), updates the panel and the window's prog
 result with an undo step of its own. Nothing here blocks on the network."""
 from __future__ import annotations
 
+import dataclasses
+import json
 import threading
 import time
 from dataclasses import dataclass, field
@@ -91,6 +93,7 @@ def _apply(session: Session, event) -> bool:
     if isinstance(event, worker.Connected):
         caps = event.capabilities
         status.backend = f"{caps.model_id} on {caps.device}"
+        status.model_options = json.dumps(caps.default_options)
         status.message = "Submitting…"
     elif isinstance(event, worker.Queued):
         status.message = "Waiting in the backend's queue" + (f" ({event.queue_position} ahead)"
@@ -135,7 +138,7 @@ def _import(target: Target, finished: worker.Finished):
     provenance.update(job_id=result.job_id, seed=result.metadata.get("seed", provenance.get("seed")),
                       model_id=finished.capabilities.model_id, model_hash=finished.capabilities.model_hash,
                       backend_version=finished.capabilities.backend_version, input_hashes=finished.input_hashes,
-                      metadata=result.metadata)
+                      options_sent=dataclasses.asdict(finished.options), metadata=result.metadata)
     obj = importer.import_result(finished, target.name, scene.collection, camera_world, provenance, parent)
     if target.create_camera is not None:
         cam = _create_photo_camera(scene, target, camera_world)
@@ -219,9 +222,10 @@ def check_connection(connection: worker.Connection) -> None:
         try:
             with connection.client() as c:
                 caps = c.hello()
-            answer.append(f"Connected: {caps.model_id} on {caps.device} (backend {caps.backend_version})")
+            answer.append((f"Connected: {caps.model_id} on {caps.device} (backend {caps.backend_version})",
+                           caps.default_options))
         except Exception as error:
-            answer.append(f"Not connected: {error}")
+            answer.append((f"Not connected: {error}", None))
 
     thread = threading.Thread(target=ask, name="pixal3d-check", daemon=True)
     _check, _check_text = (thread, answer), "Checking…"
@@ -236,7 +240,9 @@ def _check_tick() -> float | None:
     thread, answer = _check
     if thread.is_alive():
         return TICK_S
-    _check, _check_text = None, answer[0]
+    (_check_text, model_options), _check = answer[0], None
+    if model_options is not None:
+        bpy.context.window_manager.pixal3d.model_options = json.dumps(model_options)
     _redraw()
     return None
 

@@ -18,8 +18,8 @@ from . import imaging, meshdata
 from .shared import client as backend_client
 from .shared import protocol
 
-# Options.resolution 0 asks for the loaded model's own resolution: its first advertised one (256 for the bundled
-# default model; the official weights run 1024 and 1536).
+# Options.resolution 0 asks for the loaded model's own resolution (256 for the bundled default model; the official
+# weights run 1024 and 1536).
 MODEL_DEFAULT_RESOLUTION = 0
 
 BUSY_RETRY_S = 2.0
@@ -59,6 +59,20 @@ class Job:
     views: list[ViewInput]
     options: protocol.Options
     depth: float = 0.0       # distance of the object's centre from the camera; 0 keeps the model's own
+    model_defaults: bool = False     # the options the loaded model suggests replace those in `options`
+
+
+def resolved_options(options: protocol.Options, capabilities: protocol.Capabilities,
+                     model_defaults: bool) -> protocol.Options:
+    """The options to submit: a "Model Default" resolution becomes the model's, and with `model_defaults` every
+    other option the model suggests (the bundled CPU model: sampler steps, face target, texture size, remesh,
+    normal map; the official weights suggest none) is the model's too. The rest stays as the panel has it."""
+    suggested = dict(capabilities.default_options)
+    resolution = suggested.pop("resolution", capabilities.resolutions[0])
+    changes = suggested if model_defaults else {}
+    if options.resolution == MODEL_DEFAULT_RESOLUTION:
+        changes["resolution"] = resolution
+    return dataclasses.replace(options, **changes)
 
 
 # -- events, read by the main thread -------------------------------------------------------------------------
@@ -95,6 +109,7 @@ class Finished:
     placement: meshdata.Placement
     capabilities: protocol.Capabilities
     input_hashes: list[str] = field(default_factory=list)
+    options: protocol.Options | None = None      # as submitted (`resolved_options`)
 
 
 @dataclass(frozen=True)
@@ -144,9 +159,7 @@ class JobWorker(threading.Thread):
         capabilities = client.hello()
         self.events.put(Connected(capabilities))
         pngs = [view.encode() for view in self.job.views]
-        options = self.job.options
-        if options.resolution == MODEL_DEFAULT_RESOLUTION:
-            options = dataclasses.replace(options, resolution=capabilities.resolutions[0])
+        options = resolved_options(self.job.options, capabilities, self.job.model_defaults)
         request = protocol.SubmitRequest([protocol.View(png, view.camera) for png, view in zip(pngs, self.job.views)],
                                          options)
         request.check_supported(capabilities)
@@ -171,7 +184,7 @@ class JobWorker(threading.Thread):
             placement = meshdata.Placement.from_result(result.glb_to_camera, self.job.depth)
             mesh = meshdata.prepare_mesh(result.positions, result.faces, result.uvs, result.normals,
                                          placement.mesh_matrix)
-            return Finished(result, mesh, placement, capabilities, [imaging.content_hash(p) for p in pngs])
+            return Finished(result, mesh, placement, capabilities, [imaging.content_hash(p) for p in pngs], options)
 
     def _submit(self, client: backend_client.Client, request: protocol.SubmitRequest) -> str | None:
         while not self._cancel.is_set():

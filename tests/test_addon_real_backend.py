@@ -15,6 +15,7 @@ as Blender would every 0.1 s.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -126,8 +127,8 @@ def build_scene() -> MugScene:
     prefs.render_engine, prefs.timeout_s = "WORKBENCH", 10.0
     settings = scene.pixal3d
     settings.source, settings.seed, settings.random_seed = "CAMERA", SEED, False
-    settings.resolution, settings.face_target, settings.texture_size = "256", 50_000, "1024"
-    settings.normal_map = True
+    # The panel as an artist first sees it: Model Defaults on, so the bundled model's own options are sent.
+    assert settings.model_defaults and settings.resolution == str(addon.worker.MODEL_DEFAULT_RESOLUTION)
     # The object's centre at the mug's distance along the view axis, so the side view compares sizes.
     settings.depth = -(camera.matrix_world.inverted() @ centre).z
     mug = [body, body.children[0]]
@@ -248,7 +249,7 @@ def test_one_textured_object_is_imported_from_the_camera_render(generation):
     assert len(mesh.vertices) < len(mesh.polygons), "the mesh is still split at its UV seams"
     # The default model often predicts some alpha; the material follows the backend's alpha mode.
     alpha_mode = generation.obj["pixal3d"]["metadata"]["alpha_mode"]
-    check_material(obj.active_material, expect_alpha=alpha_mode != "OPAQUE", expect_normal=True)
+    check_material(obj.active_material, expect_alpha=alpha_mode != "OPAQUE", expect_normal=False)
     base = next(n for n in obj.active_material.node_tree.nodes if n.type == 'TEX_IMAGE' and n.label == "Base Color")
     assert tuple(base.image.size) == (1024, 1024)
 
@@ -295,9 +296,12 @@ def test_provenance_names_the_model_seed_and_input(generation):
     info = generation.obj["pixal3d"].to_dict()
     assert info["model_id"] == "default"
     assert isinstance(info["model_hash"], str) and len(info["model_hash"]) >= 16
-    assert info["seed"] == SEED and info["options"]["seed"] == SEED
-    assert info["options"]["resolution"] == 256 and info["options"]["face_target"] == 50_000
-    assert info["options"]["texture_size"] == 1024
+    assert info["seed"] == SEED and info["options"]["seed"] == SEED == info["options_sent"]["seed"]
+    # Model Defaults: what was sent is the bundled model's suggestion (CPU-sized: 6 steps, 50,000 faces, 1024 px)
+    bundled = json.loads((REPO / "backend" / "pixal3d_backend" / "default_model" / "pipeline.json").read_text())
+    suggested = {"resolution": 256, **bundled["args"]["default_options"]}
+    assert {k: info["options_sent"][k] for k in suggested} == suggested
+    assert (info["options_sent"]["face_target"], info["options_sent"]["ss_steps"]) == (50_000, 6)
     assert info["source"] == "CAMERA" and info["cameras"] == [generation.world.camera.name]
     assert info["input_hashes"] == [addon.imaging.content_hash(generation.input_png)]
     assert len(info["job_id"]) == 32 and info["metadata"]["model_hash"] == info["model_hash"]

@@ -39,8 +39,8 @@ def scene(tmp_path):
 def server(tmp_path):
     started = []
 
-    def start(step_s=0.0):
-        server = Server(SilhouetteGenerator(step_s=step_s), bind="tcp://127.0.0.1:*",
+    def start(step_s=0.0, **generator):
+        server = Server(SilhouetteGenerator(step_s=step_s, **generator), bind="tcp://127.0.0.1:*",
                         store_dir=tmp_path / "store").start()
         started.append(server)
         bpy.context.preferences.addons["pixal3d"].preferences.address = server.address
@@ -96,6 +96,39 @@ def test_generate_from_camera_imports_a_placed_textured_object(scene, server):
     # Undo removes the imported object and nothing else.
     bpy.ops.ed.undo()
     assert set(bpy.data.objects.keys()) == before_objects
+
+
+def test_model_defaults_send_what_the_model_suggests_and_the_panel_keeps_the_rest(scene, server):
+    """The bundled model suggests CPU-sized options (6 steps, 50,000 faces, 1024 px maps); with Model Defaults on
+    (the default) a job sends those instead of the panel's values, and says so in the panel and the provenance;
+    off, the panel's values go as they are."""
+    suggested = {"resolution": 1536, "ss_steps": 3, "texture_size": 1024}
+    server(default_options=suggested)
+    settings, status = scene.pixal3d, bpy.context.window_manager.pixal3d
+    settings.ss_steps, settings.ss_guidance = 10, 5.0
+    assert settings.model_defaults and settings.texture_size == "512"
+
+    def generate():
+        totals = set()
+        assert bpy.ops.pixal3d.generate() == {'FINISHED'}
+        run_timer(on_tick=lambda: totals.add(status.total))
+        assert status.last_error == ""
+        return bpy.context.view_layer.objects.active["pixal3d"].to_dict(), totals
+
+    info, totals = generate()
+    assert totals - {0} == {3}                                   # the backend ran the model's 3 steps
+    sent = info["options_sent"]
+    assert (sent["ss_steps"], sent["texture_size"], sent["resolution"]) == (3, 1024, 1536)
+    assert sent["ss_guidance"] == 5.0 and sent["seed"] == info["seed"]     # not suggested: the panel's
+    assert info["options"]["ss_steps"] == 10 and info["model_defaults"]     # what the panel said
+    assert addon.properties.model_options(status) == suggested
+    assert addon.properties.option_text("texture_size", 1024) == "Texture Size: 1024 px"
+
+    settings.model_defaults = False
+    info, totals = generate()
+    assert totals - {0} == {10}
+    sent = info["options_sent"]
+    assert (sent["ss_steps"], sent["texture_size"], sent["resolution"]) == (10, 512, 1536)   # "Model Default" res
 
 
 def test_material_opaque_with_normal_map():

@@ -105,6 +105,8 @@ def test_module_is_importable_without_torch_zmq_or_bpy():
     Capabilities("0.1.0", 1, "NVIDIA H200", 140 << 30, "TencentARC/Pixal3D", "sha256:ab12", [1024, 1536], 4, True,
                  {"queue_size": 4, "max_image_bytes": protocol.MAX_IMAGE_BYTES}),
     Capabilities("0.1.0", 1, "cpu", None, "default", "sha256:00", [512], 1, False, {}),
+    Capabilities("0.1.0", 1, "cpu", None, "default", "sha256:00", [256], 8, False, {"queue_size": 4},
+                 {"resolution": 256, "ss_steps": 6, "face_target": 50_000, "texture_size": 1024, "remesh": True}),
     Accepted(JOB_ID, 2),
     StatusRequest(JOB_ID), CancelRequest(JOB_ID), FetchRequest(JOB_ID), ListJobsRequest(),
     JobStatus(JOB_ID, JobState.QUEUED, 1.7e9, queue_position=1),
@@ -161,6 +163,20 @@ def test_check_supported_rejects_what_the_model_cannot_do():
         submit_request(resolution=1536).check_supported(caps)
     assert error.value.code is ErrorCode.UNSUPPORTED and "[1024]" in error.value.message
     submit_request(resolution=1024).check_supported(caps)
+
+
+def test_capabilities_carry_the_models_suggested_options_validated_as_options_are():
+    caps = Capabilities("0.1.0", 1, "cpu", None, "default", "h", [256], 1, False, {}, {"face_target": 50_000})
+    header = json.loads(protocol.encode(caps, "r")[0])
+    header["default_options"]["face_target"] = 10           # below Options' range
+    with pytest.raises(ProtocolError) as error:
+        protocol.decode([json.dumps(header).encode()])
+    assert error.value.code is ErrorCode.OPTION_OUT_OF_RANGE and "face_target" in error.value.message
+    header["default_options"] = {"faces": 50_000}
+    with pytest.raises(ProtocolError, match="unknown option"):
+        protocol.decode([json.dumps(header).encode()])
+    del header["default_options"]                            # a server from before the field: no suggestions
+    assert protocol.decode([json.dumps(header).encode()]).message.default_options == {}
 
 
 def test_single_view_weights_still_take_several_views():

@@ -36,13 +36,15 @@ class SilhouetteGenerator:
 
     GRID = 16
 
-    def __init__(self, step_s: float = 0.0, out_of_memory_once: bool = False):
+    def __init__(self, step_s: float = 0.0, out_of_memory_once: bool = False, default_options: dict | None = None):
         self.step_s = step_s
         self.out_of_memory_once = out_of_memory_once
+        self.default_options = default_options      # what it suggests, as a model's pipeline.json would
 
     def capabilities(self) -> dict:
-        return {"device": "cpu", "free_memory_bytes": None, "model_id": "test-silhouette",
+        caps = {"device": "cpu", "free_memory_bytes": None, "model_id": "test-silhouette",
                 "model_hash": "sha256:silhouette", "resolutions": [1024, 1536], "max_views": 4, "multiview": True}
+        return caps if self.default_options is None else {**caps, "default_options": self.default_options}
 
     def generate(self, request, on_progress, should_cancel) -> Result:
         if self.out_of_memory_once:

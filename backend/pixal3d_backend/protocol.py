@@ -573,6 +573,9 @@ class Capabilities:
     multiview: bool                     # the loaded flows are the official multi-view fine-tunes (`*_mv`); without
                                         # them several views still condition the single-view weights
     limits: dict[str, int]              # the server's bounds, e.g. queue_size, max_image_bytes
+    default_options: dict[str, Any] = field(default_factory=dict)
+    # `Options` fields the loaded model suggests (its resolution, and e.g. the bundled CPU model's 6 sampler steps,
+    # 50,000 faces, 1024 px maps); a client that follows the model's defaults sends these. Absent from older servers.
     TYPE: ClassVar[str] = "capabilities"
 
     def _to_wire(self, blobs: list[bytes]) -> dict:
@@ -590,6 +593,10 @@ class Capabilities:
                                 for i, r in enumerate(h.items("resolutions", 64, 1))],
                    max_views=h.integer("max_views", 1, MAX_VIEWS), multiview=h.flag("multiview"),
                    limits={k: limits.integer(k, 0, 2**63) for k in list(limits.values)})
+        if h.has("default_options"):        # validated as options are, then only the fields the server named
+            suggested = h.child("default_options")
+            parsed = Options._from_wire(suggested)
+            caps.default_options = {name: getattr(parsed, name) for name in suggested.values}
         return caps
 
 

@@ -6,7 +6,8 @@ through the generator, which keeps the model loaded between jobs.
 
 A generator is any object with
     capabilities() -> dict with keys device, free_memory_bytes, model_id, model_hash, resolutions, max_views,
-                      multiview (the fields of protocol.Capabilities that describe the model and its device)
+                      multiview and optionally default_options (the fields of protocol.Capabilities that describe
+                      the model and its device)
     generate(request: protocol.SubmitRequest, on_progress(stage, step, total), should_cancel() -> bool)
         -> protocol.Result
 `on_progress` raises ProtocolError(CANCELLED) once the job is cancelled, so reporting progress between sampler

@@ -67,7 +67,8 @@ class Generator:
             free, name = None, "cpu"
         return {"device": name, "free_memory_bytes": free, "model_id": self.model.model_id,
                 "model_hash": self.model.model_hash, "resolutions": list(self.model.resolutions),
-                "max_views": protocol.MAX_VIEWS, "multiview": self.model.pipeline.multiview_weights}
+                "max_views": protocol.MAX_VIEWS, "multiview": self.model.pipeline.multiview_weights,
+                "default_options": dict(self.model.default_options)}
 
     def _view_camera(self, view: View, image: Image.Image) -> CropCamera:
         cam = view.camera
