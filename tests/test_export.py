@@ -18,6 +18,7 @@ from PIL import Image
 from pixal3d_backend.camera import R_MODEL_TO_GLB, CropCamera, Intrinsics
 from pixal3d_backend.export import ExportOptions, GlbCamera, export_asset, write_glb
 from pixal3d_backend.export.bake import vertex_tangents
+from pixal3d_backend.export import marching_cubes
 from pixal3d_backend.export.decimate import decimate
 from pixal3d_backend.export.remesh import WALL_CELLS, remesh
 from pixal3d_backend.export.unwrap import UnwrapMethod
@@ -128,6 +129,26 @@ def test_decimation_hits_face_target():
         v, f = decimate(mesh.vertices, mesh.faces, target)
         assert abs(len(f) - target) <= 0.02 * target
         assert f.max() == len(v) - 1 and f.min() == 0
+
+
+def test_marching_cubes_of_any_sign_field_is_a_closed_2_manifold():
+    """Random signs make every ambiguous face and cube case there is: each edge must join exactly two triangles
+    (two neighbouring cells both fanning a polygon across the face they share made edges of four), with opposite
+    directions (consistent orientation)."""
+    r = 10
+    values = torch.rand((r + 1,) * 3, generator=torch.Generator().manual_seed(0)) - 0.5
+    values[[0, -1]], values[:, [0, -1]], values[:, :, [0, -1]] = 1.0, 1.0, 1.0      # outside at the border: closed
+    cells = torch.stack(torch.meshgrid(*[torch.arange(r)] * 3, indexing="ij"), -1).reshape(-1, 3)
+    corners = cells[:, None] + torch.as_tensor(marching_cubes.CORNERS)
+    vertex_key = lambda idx: (idx[..., 0] * (r + 1) + idx[..., 1]) * (r + 1) + idx[..., 2]
+    vertices, faces = marching_cubes.marching_cubes(
+        cells, values[corners[..., 0], corners[..., 1], corners[..., 2]], lambda idx: idx.float(),
+        lambda idx, axis: vertex_key(idx) * 3 + axis)
+    directed = torch.stack([faces, faces.roll(-1, dims=1)], -1).reshape(-1, 2)
+    undirected, uses = torch.unique(directed.sort(1).values, dim=0, return_counts=True)
+    assert len(faces) > 1000 and uses.min() == uses.max() == 2, f"edges used by {sorted(set(uses.tolist()))} triangles"
+    assert len(torch.unique(directed, dim=0)) == len(directed)                  # each direction once: oriented
+    assert trimesh.Trimesh(vertices.numpy(), faces.numpy(), process=False).volume > 0   # outward
 
 
 def _remeshed(mesh, resolution=64):

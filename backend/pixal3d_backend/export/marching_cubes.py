@@ -3,8 +3,11 @@
 The table is built, not typed in: on every cube face the crossing points are joined so that each run of inside
 corners is cut off on its own ("inside corners are never joined across a face diagonal"). Two cells sharing a
 face see the same corners and therefore cut that face the same way, so the surface of any complete sign
-assignment is closed and 2-manifold. Chaining the face segments around the cube gives each case's polygons,
-which are fanned into triangles and oriented so that normals point from inside (value < 0) to outside.
+assignment is closed. Chaining the face segments around the cube gives each case's polygons, which are fanned
+into triangles and oriented so that normals point from inside (value < 0) to outside. Each polygon is fanned from
+a vertex whose diagonals all leave the cube's faces: a face cut by two segments can otherwise be crossed by a
+diagonal of both cells that share it, an edge of four triangles (seen on 9 of 807,000 edges of a decoded object).
+With that the surface is 2-manifold.
 
 Corner `i` of a cell is at offset `(i & 1, i >> 1 & 1, i >> 2 & 1)`; edge `e` joins corners `EDGES[e]`.
 """
@@ -39,10 +42,21 @@ def _faces() -> list[list[int]]:
     return faces
 
 
+def _fan(loop: list[int], face_edges: list[set[int]]) -> list[tuple[int, int, int]]:
+    """Triangles of a polygon of cube-edge ids, fanned from the first vertex none of whose diagonals joins two
+    edges of one cube face (every polygon of the 256 cases has one)."""
+    n = len(loop)
+    on_one_face = lambda a, b: any(a in f and b in f for f in face_edges)
+    apex = next(r for r in range(n) if not any(on_one_face(loop[r], loop[(r + i) % n]) for i in range(2, n - 1)))
+    loop = loop[apex:] + loop[:apex]
+    return [(loop[0], loop[i], loop[i + 1]) for i in range(1, n - 1)]
+
+
 @functools.lru_cache(maxsize=None)
 def triangle_table() -> tuple[np.ndarray, np.ndarray]:
     """(table [256, T, 3] of edge indices padded with -1, count [256] of triangles per case)."""
     faces = _faces()
+    face_edges = [{_EDGE_INDEX[frozenset((cyc[k], cyc[(k + 1) % 4]))] for k in range(4)} for cyc in faces]
     cases = []
     for case in range(256):
         inside = [(case >> i) & 1 == 1 for i in range(8)]
@@ -64,7 +78,7 @@ def triangle_table() -> tuple[np.ndarray, np.ndarray]:
             while nxt[loop[-1]] != start:
                 loop.append(nxt.pop(loop[-1]))
             nxt.pop(loop[-1])
-            tris += [(loop[0], loop[i], loop[i + 1]) for i in range(1, len(loop) - 1)]
+            tris += _fan(loop, face_edges)
         cases.append(tris)
     # Orientation: make the single-inside-corner case face away from corner 0, the rest follow by construction.
     mid = np.array([(CORNERS[a] + CORNERS[b]) / 2 for a, b in EDGES])
