@@ -31,24 +31,11 @@ RUN=/tmp/run; POOL=/tmp/pool; VAL=/tmp/val; TEXVAE=/tmp/texvae; LOG=$OUT/logs.tx
 mkdir -p $RUN $RUN_B $POOL $VAL $TEXVAE/tex_vae && cp -r .device_carry/vae/* $RUN/ && cp -r .device_carry/vae/* $RUN_B/
 cp $TEXVAE_FROM/tex_vae/weights.safetensors $TEXVAE/tex_vae/ && cp $TEXVAE_FROM/tex_vae/weights.safetensors $RUN/tex_vae/
 nvidia-smi -L | tee -a $LOG
-T0=$(date +%s)
-left() { awk -v t0=$T0 -v now=$(date +%s) -v total=$TOTAL_MIN -v less=$1 'BEGIN{print total - less - (now - t0) / 60}'; }
+source docs/training/default_model/growing_pool.sh
 [ -z "$SS_VARIANT" ] && CUDA_VISIBLE_DEVICES=3 OMP_NUM_THREADS=4 python -m pixal3d_backend.training.train --stage tex_vae \
   --minutes $TOTAL_MIN --out $TEXVAE --init $TEXVAE_INIT $TEXVAE_ARGS \
   --checkpoint-minutes 2 > /tmp/train_tex_vae.log 2>&1 &
-VAL_PIDS=()
-for k in 0 1 2 3; do
-  CUDA_VISIBLE_DEVICES=$k OMP_NUM_THREADS=2 python -m pixal3d_backend.training.flow_pool --vae $RUN --out $VAL \
-    --shard $k --shards 4 --minutes 3 --max-batches 6 --first-batch $VAL_BATCH > /tmp/val_$k.log 2>&1 &
-  VAL_PIDS+=($!)
-done
-POOL_MIN=$(left 1.0)
-for k in $(seq 0 15); do
-  CUDA_VISIBLE_DEVICES=$((k % 4)) OMP_NUM_THREADS=2 python -m pixal3d_backend.training.flow_pool --vae $RUN --out $POOL \
-    --shard $k --shards 16 --minutes $POOL_MIN --save-every 1 --first-batch $FIRST_BATCH > /tmp/pool_$k.log 2>&1 &
-done
-wait "${VAL_PIDS[@]}"
-for k in 0 1 2 3; do tail -n 1 /tmp/val_$k.log; done | tee -a $LOG
+start_pools $RUN
 TRAIN_MIN=$(left 0.1)
 echo "flows start at $(( $(date +%s) - T0 )) s for $TRAIN_MIN min" | tee -a $LOG
 g=0
@@ -61,8 +48,7 @@ done
   --minutes $TRAIN_MIN --out $RUN_B --pool $POOL --val-pool $VAL --init $INIT --checkpoint-minutes 1.5 $FLOW_ARGS \
   $SS_VARIANT > /tmp/train_ss_flow_b.log 2>&1 &
 wait
-for k in $(seq 0 15); do tail -n 1 /tmp/pool_$k.log; done | tee -a $LOG
-mkdir -p /tmp/logs && cp /tmp/*.log /tmp/logs/
+pool_logs
 for s in ss_flow shape_flow tex_flow $([ -n "$SS_VARIANT" ] && echo ss_flow_b || echo tex_vae); do
   d=$RUN/$s; [ $s = tex_vae ] && d=$TEXVAE/$s; [ $s = ss_flow_b ] && d=$RUN_B/ss_flow
   cp $d/weights.safetensors $OUT/${s}_weights.safetensors

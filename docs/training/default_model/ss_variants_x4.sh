@@ -27,21 +27,8 @@ t = train.Trainer("ss_flow", Path("/tmp/preflight"), "cpu", encoder_layers=a.enc
 t.initialise_from(Path("$INIT"))
 PY
 done
-T0=$(date +%s)
-left() { awk -v t0=$T0 -v now=$(date +%s) -v total=$TOTAL_MIN -v less=$1 'BEGIN{print total - less - (now - t0) / 60}'; }
-VAL_PIDS=()
-for k in 0 1 2 3; do
-  CUDA_VISIBLE_DEVICES=$k OMP_NUM_THREADS=2 python -m pixal3d_backend.training.flow_pool --vae $VAE --out $VAL \
-    --shard $k --shards 4 --minutes 3 --max-batches 6 --first-batch $VAL_BATCH > /tmp/val_$k.log 2>&1 &
-  VAL_PIDS+=($!)
-done
-POOL_MIN=$(left 1.0)
-for k in $(seq 0 15); do
-  CUDA_VISIBLE_DEVICES=$((k % 4)) OMP_NUM_THREADS=2 python -m pixal3d_backend.training.flow_pool --vae $VAE --out $POOL \
-    --shard $k --shards 16 --minutes $POOL_MIN --save-every 1 --first-batch $FIRST_BATCH > /tmp/pool_$k.log 2>&1 &
-done
-wait "${VAL_PIDS[@]}"
-for k in 0 1 2 3; do tail -n 1 /tmp/val_$k.log; done | tee -a $LOG
+source docs/training/default_model/growing_pool.sh
+start_pools $VAE
 TRAIN_MIN=$(left 0.1)
 echo "flows start at $(( $(date +%s) - T0 )) s for $TRAIN_MIN min" | tee -a $LOG
 g=0; NAMES=()
@@ -54,8 +41,7 @@ for variant in $VARIANTS; do
   g=$((g + 1))
 done
 wait
-for k in $(seq 0 15); do tail -n 1 /tmp/pool_$k.log; done | tee -a $LOG
-mkdir -p /tmp/logs && cp /tmp/*.log /tmp/logs/
+pool_logs
 for name in "${NAMES[@]}"; do
   d=/tmp/run_$name/ss_flow
   cp $d/weights.safetensors $OUT/${name}_ss_flow_weights.safetensors
