@@ -51,13 +51,6 @@ wait
 pool_logs
 for s in ss_flow shape_flow tex_flow $([ -n "$SS_VARIANT" ] && echo ss_flow_b || echo tex_vae); do
   d=$RUN/$s; [ $s = tex_vae ] && d=$TEXVAE/$s; [ $s = ss_flow_b ] && d=$RUN_B/ss_flow
-  cp $d/weights.safetensors $OUT/${s}_weights.safetensors
-  cp $d/log.jsonl /tmp/logs/${s}_log.jsonl
-  tail -n 3 /tmp/train_$s.log >> $LOG
-  echo "== $s" | tee -a $LOG
-  grep '"event": "pool"' $d/log.jsonl | tail -n 2 | cut -c1-200 | tee -a $LOG
-  grep '"event": "val"' $d/log.jsonl | cut -c1-200 | tee -a $LOG
-  grep -v '"event"' $d/log.jsonl | awk 'NR%20==1' | cut -c1-150 | tee -a $LOG
-  echo "$s last: $(grep -v '"event"' $d/log.jsonl | tail -n 1 | cut -c1-300)" | tee -a $LOG
+  report $s $d
 done
 tar -czf $OUT/logs.tgz -C /tmp/logs .

@@ -6,6 +6,10 @@
 #                per GPU) write POOL, a part every minute (batches from FIRST_BATCH) until a minute before the end;
 #                both take their latents from the VAE encoders of RUN. Returns once the validation pool is written.
 #   pool_logs    the generators' last lines into LOG, and every /tmp/*.log into /tmp/logs (packed by the caller)
+#   report NAME DIR
+#                a trained stage's output folder DIR: weights to OUT/NAME_weights.safetensors, log.jsonl to
+#                /tmp/logs/NAME_log.jsonl, and its trainer's (/tmp/train_NAME.log) pool, validation and loss lines
+#                into LOG
 T0=$(date +%s)
 left() { awk -v t0=$T0 -v now=$(date +%s) -v total=$TOTAL_MIN -v less=$1 'BEGIN{print total - less - (now - t0) / 60}'; }
 
@@ -30,4 +34,16 @@ pool_logs() {
   local k
   for k in $(seq 0 15); do tail -n 1 /tmp/pool_$k.log; done | tee -a $LOG
   mkdir -p /tmp/logs && cp /tmp/*.log /tmp/logs/
+}
+
+report() {
+  local name=$1 d=$2
+  cp $d/weights.safetensors $OUT/${name}_weights.safetensors
+  cp $d/log.jsonl /tmp/logs/${name}_log.jsonl
+  tail -n 3 /tmp/train_$name.log >> $LOG
+  echo "== $name" | tee -a $LOG
+  grep '"event": "pool"' $d/log.jsonl | tail -n 2 | cut -c1-200 | tee -a $LOG
+  grep '"event": "val"' $d/log.jsonl | cut -c1-200 | tee -a $LOG
+  grep -v '"event"' $d/log.jsonl | awk 'NR%20==1' | cut -c1-150 | tee -a $LOG
+  echo "$name last: $(grep -v '"event"' $d/log.jsonl | tail -n 1 | cut -c1-300)" | tee -a $LOG
 }

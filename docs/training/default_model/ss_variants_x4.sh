@@ -6,7 +6,8 @@
 #   first, 4 processes write the validation pool (batches from VAL_BATCH, the same views as grow_x4.sh's);
 #   then GPU k trains variant k of VARIANTS ("name:train.py arguments", the name is its output's prefix).
 # Needs .device_carry/vae/<stage>/weights.safetensors (the VAE encoders, carried; the SS latents come from ss_vae).
-# Call:  FIRST_BATCH=50000 bash docs/training/default_model/ss_variants_x4.sh
+# Call:  TOTAL_MIN=8.2 FIRST_BATCH=50000 bash docs/training/default_model/ss_variants_x4.sh   (session 8; its weights
+#        came back as <name>_ss_flow_weights.safetensors, now <name>_weights.safetensors)
 set -u
 export PYTHONPATH=$PWD/backend:$PWD/kernels PYTHONUNBUFFERED=1 PIXAL3D_SPARSE_CONV=torch
 TOTAL_MIN=${TOTAL_MIN:-8.6}; FIRST_BATCH=${FIRST_BATCH:-50000}; VAL_BATCH=${VAL_BATCH:-50000000}
@@ -42,14 +43,5 @@ for variant in $VARIANTS; do
 done
 wait
 pool_logs
-for name in "${NAMES[@]}"; do
-  d=/tmp/run_$name/ss_flow
-  cp $d/weights.safetensors $OUT/${name}_ss_flow_weights.safetensors
-  cp $d/log.jsonl /tmp/logs/${name}_ss_flow_log.jsonl
-  tail -n 3 /tmp/train_$name.log >> $LOG
-  echo "== $name" | tee -a $LOG
-  grep '"event": "pool"' $d/log.jsonl | tail -n 1 | cut -c1-200 | tee -a $LOG
-  grep '"event": "val"' $d/log.jsonl | cut -c1-200 | tee -a $LOG
-  echo "$name last: $(grep -v '"event"' $d/log.jsonl | tail -n 1 | cut -c1-300)" | tee -a $LOG
-done
+for name in "${NAMES[@]}"; do report $name /tmp/run_$name/ss_flow; done      # OUT/<name>_weights.safetensors
 tar -czf $OUT/logs.tgz -C /tmp/logs .
