@@ -2,9 +2,10 @@
 CPU here) on 127.0.0.1, and the add-on in the `bpy` module rendering the active camera's view of a mug built
 from primitives, seen through a long lens with lens shift on a non-square frame.
 
-One generation (1.5 min on two idle CPU cores, ~5 min when they are busy) is shared by the tests of this
-module: the imported object lies in the camera's frustum and reprojects onto the input's mask, its mesh has UVs
-and its Principled BSDF is wired node by node, and it carries its provenance. The last test renders the README
+One generation with the panel's defaults (Model Defaults on: the bundled model's own options; about a minute on two
+idle CPU cores, more when they are busy) is shared by the tests of this module: the imported object lies in the
+camera's frustum and reprojects onto the input's mask, its mesh has UVs and its Principled BSDF is wired node by
+node, and it carries its provenance. The last test renders the README
 picture (input render | the result from the source camera | the result from the side); to write it into the
 repository:
 
