@@ -108,8 +108,8 @@ class Finished:
     mesh: meshdata.MeshArrays
     placement: meshdata.Placement
     capabilities: protocol.Capabilities
+    options: protocol.Options                    # as submitted (`resolved_options`)
     input_hashes: list[str] = field(default_factory=list)
-    options: protocol.Options | None = None      # as submitted (`resolved_options`)
 
 
 @dataclass(frozen=True)
@@ -184,7 +184,7 @@ class JobWorker(threading.Thread):
             placement = meshdata.Placement.from_result(result.glb_to_camera, self.job.depth)
             mesh = meshdata.prepare_mesh(result.positions, result.faces, result.uvs, result.normals,
                                          placement.mesh_matrix)
-            return Finished(result, mesh, placement, capabilities, [imaging.content_hash(p) for p in pngs], options)
+            return Finished(result, mesh, placement, capabilities, options, [imaging.content_hash(p) for p in pngs])
 
     def _submit(self, client: backend_client.Client, request: protocol.SubmitRequest) -> str | None:
         while not self._cancel.is_set():

@@ -75,20 +75,28 @@ class DinoV3ProjFeatureExtractor(torch.nn.Module):
                 "(config.json + model.safetensors); this backend never downloads models on its own")
         return DINOv3ViTModel.from_pretrained(path, local_files_only=True)
 
+    CHECKPOINT_LAYER_KEYS = "model.layer."
+
     @property
     def dinov3_layers(self) -> torch.nn.ModuleList:
         """The transformer blocks: `model.layer` in transformers 4.x, `model.model.layer` in 5.x."""
         return self.model.layer if hasattr(self.model, "layer") else self.model.model.layer
 
+    @property
+    def layer_keys(self) -> str:
+        """The state-dict prefix of the blocks in the installed transformers: `model.layer.` (4.x, the checkpoints'
+        names) or `model.model.layer.` (5.x)."""
+        return self.CHECKPOINT_LAYER_KEYS if hasattr(self.model, "layer") else "model.model.layer."
+
     def checkpoint_keys(self, state_dict: dict, prefix: str = "") -> None:
         """Checkpoints (official ones, fixtures, our default model) name the blocks `model.layer.*`
         (transformers 4.x); renames them in place onto the 5.x module tree when that is what is installed.
         `loading.load_state_dict_strict` calls it before comparing keys; `load_state_dict` through a hook."""
-        if hasattr(self.model, "layer"):
+        old, new = prefix + self.CHECKPOINT_LAYER_KEYS, prefix + self.layer_keys
+        if old == new:
             return
-        old = prefix + "model.layer."
         for key in [k for k in state_dict if k.startswith(old)]:
-            state_dict[prefix + "model.model.layer." + key[len(old):]] = state_dict.pop(key)
+            state_dict[new + key[len(old):]] = state_dict.pop(key)
 
     def _official_layer_keys(self, state_dict, prefix, *args):
         self.checkpoint_keys(state_dict, prefix)

@@ -42,7 +42,7 @@ def _faces() -> list[list[int]]:
     return faces
 
 
-def _fan(loop: list[int], face_edges: list[set[int]]) -> list[tuple[int, int, int]]:
+def _fan(loop: list[int], face_edges: list[list[int]]) -> list[tuple[int, int, int]]:
     """Triangles of a polygon of cube-edge ids, fanned from the first vertex none of whose diagonals joins two
     edges of one cube face (every polygon of the 256 cases has one)."""
     n = len(loop)
@@ -56,16 +56,16 @@ def _fan(loop: list[int], face_edges: list[set[int]]) -> list[tuple[int, int, in
 def triangle_table() -> tuple[np.ndarray, np.ndarray]:
     """(table [256, T, 3] of edge indices padded with -1, count [256] of triangles per case)."""
     faces = _faces()
-    face_edges = [{_EDGE_INDEX[frozenset((cyc[k], cyc[(k + 1) % 4]))] for k in range(4)} for cyc in faces]
+    # face_edges[f][k]: the cube edge from corner faces[f][k] to the next corner of that face
+    face_edges = [[_EDGE_INDEX[frozenset((cyc[k], cyc[(k + 1) % 4]))] for k in range(4)] for cyc in faces]
     cases = []
     for case in range(256):
         inside = [(case >> i) & 1 == 1 for i in range(8)]
         nxt = {}
-        for cyc in faces:
+        for cyc, edge in zip(faces, face_edges):
             # Walking the face counter-clockwise, an inside run starts at an entering crossing and ends at a
             # leaving one; the segment leaving -> entering cuts that run off alone.
             cross = [(k, inside[cyc[k]]) for k in range(4) if inside[cyc[k]] != inside[cyc[(k + 1) % 4]]]
-            edge = {k: _EDGE_INDEX[frozenset((cyc[k], cyc[(k + 1) % 4]))] for k, _ in cross}
             for j, (k, leaving) in enumerate(cross):
                 if leaving:
                     # the run that this crossing leaves was entered at the previous crossing (cyclically)

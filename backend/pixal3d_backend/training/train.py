@@ -135,8 +135,7 @@ def residual_blocks(module: torch.nn.Module) -> tuple[str, torch.nn.ModuleList, 
     if hasattr(module, "blocks"):
         return "blocks.", module.blocks, lambda b: (b.self_attn.to_out, b.cross_attn.cross_attn_block.to_out,
                                                     b.cross_attn.proj_linear, b.mlp.mlp[-1])
-    prefix = "model.layer." if hasattr(module.model, "layer") else "model.model.layer."      # transformers 4.x, 5.x
-    return prefix, module.dinov3_layers, lambda layer: (layer.attention.o_proj, layer.mlp.down_proj)
+    return module.layer_keys, module.dinov3_layers, lambda layer: (layer.attention.o_proj, layer.mlp.down_proj)
 
 
 def deepen(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> list[int]:
