@@ -7,8 +7,8 @@ import torch
 
 from pixal3d_backend.models.sparse_vae import SparseUnetVaeDecoder
 from pixal3d_backend.sparse import SparseTensor
-from pixal3d_backend.training import configs, stages, train
-from pixal3d_backend.training.batches import ViewGenerator, generate_pool, occupancy, shape_inputs
+from pixal3d_backend.training import configs, losses, stages, train
+from pixal3d_backend.training.batches import ViewGenerator, Views, generate_pool, occupancy, shape_inputs
 from pixal3d_backend.training.voxels import coarsen, lookup, space_to_channel, subdivision_guides
 
 torch.set_num_threads(1)
@@ -197,7 +197,6 @@ def test_export_default_writes_a_strictly_loadable_snapshot(pool, tmp_path, monk
 def test_flow_pool_shards_load_back_in_shard_order_with_8_bit_images(pool, tmp_path):
     """What flow_pool.py writes and `train.py --pool` reads: shards concatenated by shard number, then part (not
     file name order), sparse rows renumbered per view, images within half an 8-bit step."""
-    from pixal3d_backend.training.batches import Views
     thirds = [pool.select(torch.arange(0, 1)), pool.select(torch.arange(1, 2)), pool.select(torch.arange(2, len(pool)))]
     thirds[0].save(tmp_path / "shard_2_0.pt")        # shard 2 sorts after shard 10 as text, before it as a number
     thirds[1].save(tmp_path / "shard_2_1.pt")
@@ -219,7 +218,6 @@ def test_a_flow_trains_on_pool_parts_as_they_appear_and_logs_a_repeatable_valida
     disturb training (the live weights, not the EMA, continue)."""
     import json
     from pixal3d_backend.training import flow_pool
-    from pixal3d_backend.training.batches import Views
 
     run, parts, val = tmp_path / "run", tmp_path / "pool", tmp_path / "val"
     for stage in ("ss_vae", "shape_vae", "tex_vae"):
@@ -313,3 +311,87 @@ def test_a_dense_flow_loaded_from_a_run_keeps_its_complex_rope_phases(pool, tmp_
     built = stages.build("sparse_structure_flow_model", TINY)
     assert torch.equal(nets["sparse_structure_flow_model"].rope_phases, built.rope_phases)
     assert built.rope_phases.imag.abs().max() > 0.1
+
+
+def test_the_implied_clean_latent_of_the_exact_velocity_is_the_latent_itself():
+    """`losses.flow_matching` noises x0 as the sampler denoises it: a model that returns the exact velocity of the
+    x_t it is given has zero loss, and the clean latent its velocity implies (what the structure loss decodes) is
+    x0 again, at every t."""
+    x0 = torch.randn(5, 8, 4, 4, 4)
+
+    class Oracle(torch.nn.Module):
+        def forward(self, x_t, t1000, cond):
+            t = (t1000 / 1000).view(-1, 1, 1, 1, 1)
+            s = losses.SIGMA_MIN + (1 - losses.SIGMA_MIN) * t
+            eps = (x_t - (1 - t) * x0) / s
+            return (1 - losses.SIGMA_MIN) * eps - x0
+
+    cond = {"global": torch.zeros(5, 5, 4), "proj": torch.zeros(5, 64, 4)}
+    fm = losses.flow_matching(Oracle(), x0, cond, "logit_normal", torch.Generator().manual_seed(3))
+    assert fm.loss < 1e-8 and fm.t.shape == (5,)
+    assert torch.allclose(fm.x0, x0, atol=1e-4)
+
+
+def test_the_structure_loss_prefers_the_true_structure_and_leaves_pure_noise_alone(pool):
+    occ = occupancy(pool.select(torch.tensor([0, 1])))
+    right, wrong = 20 * (occ - 0.5), 20 * (0.5 - occ)
+    t = torch.tensor([0.2, 0.3])
+    assert losses.structure_loss(right, occ, t) < 0.01 < 1.0 < losses.structure_loss(wrong, occ, t)
+    assert losses.structure_loss(wrong, occ, torch.ones(2)) == 0          # t = 1: weight 0
+
+
+def test_a_mirrored_view_flips_its_image_and_its_structure_together_along_the_lifted_axis(pool):
+    """The augmentation pairs a left-right mirrored image with the occupancy mirrored along grid x, and grid x is
+    the axis the lifting maps the image's columns to (a smooth feature map lifted from the mirrored image equals
+    the lifted one mirrored along x, not along y or z); recolouring keeps the black background black."""
+    from pixal3d_backend.conditioning.proj_grid import dense_grid_coords, lift_features
+    r, s = 16, 512
+    u = torch.linspace(0, 3, 32)
+    fmap = torch.stack([torch.sin(u)[None, :] + torch.cos(u)[:, None], u[None, :] * u[:, None]])[None]  # [1, 2, 32, 32]
+    coords = dense_grid_coords(r)
+    lifted = lambda m: lift_features(m, coords, r, s, 0.8, distance=1.4)[0].reshape(r, r, r, 2)
+    a, b = lifted(fmap), lifted(fmap.flip(3))
+    errors = [(a.flip(axis) - b).abs().max().item() for axis in range(3)]
+    assert errors[0] < 0.05 < 0.5 < min(errors[1:]), errors
+
+    batch = stages.flow_targets(pool, {"ss_encoder": stages.build("ss_encoder", TINY)}, {})
+    images, occ = batch.dense["images"], batch.dense["occupancy"]
+    new_images, new_occ = stages.mirror_and_recolour(images, occ, torch.Generator().manual_seed(1))
+    flipped = []
+    for k in range(len(batch)):
+        mask, new_mask = images[k].amax(0) > 0, new_images[k].amax(0) > 0
+        assert not torch.equal(mask, mask.flip(1))                             # a view whose mirror tells
+        assert torch.equal(new_mask, mask.flip(1)) or torch.equal(new_mask, mask)
+        flipped.append(torch.equal(new_mask, mask.flip(1)))
+        assert torch.equal(new_occ[k], occ[k].flip(1) if flipped[-1] else occ[k])
+        assert not torch.allclose(new_images[k], images[k].flip(2) if flipped[-1] else images[k])   # recoloured
+    assert any(flipped) and not all(flipped)
+
+
+def test_the_structure_trained_flow_optimises_both_terms_and_validates_unaugmented(pool, tmp_path):
+    """`train.py --augment --structure-loss W`: the sparse-structure flow's loss is its flow term plus W times the
+    structure term through the frozen SS decoder (both logged), the terms fall over steps, and validation reads the
+    views as they are (the same terms at every call, not the augmented ones). Other flows refuse the options."""
+    _finished_stage("ss_vae", pool, tmp_path)
+    trainer = train.Trainer("ss_flow", tmp_path, "cpu", overrides=TINY, augment=True, structure_weight=0.5)
+    assert "sparse_structure_decoder" in trainer.stage.frozen
+    batch = trainer.stage.prepare(pool.select(torch.tensor([0, 1])))
+    opt = torch.optim.Adam(trainer.models.parameters(), lr=2e-3)
+    values = []
+    for _ in range(6):
+        terms = trainer.stage.losses(batch, torch.Generator().manual_seed(0))
+        assert torch.allclose(terms["loss"], terms["flow"] + 0.5 * terms["structure"])
+        opt.zero_grad()
+        terms["loss"].backward()
+        opt.step()
+        values.append(terms["loss"].item())
+    assert values[-1] < values[0], values
+    val = [trainer.stage.losses(batch, torch.Generator().manual_seed(4), training=False) for _ in range(2)]
+    trained = trainer.stage.losses(batch, torch.Generator().manual_seed(4))
+    assert val[0]["loss"] == val[1]["loss"] != trained["loss"]
+    with pytest.raises(ValueError, match="sparse-structure flow"):
+        train.Trainer("shape_flow", tmp_path, "cpu", overrides=TINY, augment=True)
+    without = Views(dict(batch.dense), batch.coords, batch.sparse)
+    del without.dense["occupancy"]
+    with pytest.raises(ValueError, match="flow_pool"):
+        trainer.stage.losses(without, torch.Generator().manual_seed(0))

@@ -118,7 +118,7 @@ class FlowEulerGuidanceIntervalSampler:
         return SamplerResult(samples=wrap(x), pred_x_t=pred_x_t, pred_x_0=pred_x_0, t_seq=t_seq)
 
     def _x0(self, x_t: torch.Tensor, t: float, v: torch.Tensor) -> torch.Tensor:
-        return (1 - self.sigma_min) * x_t - (self.sigma_min + (1 - self.sigma_min) * t) * v
+        return implied_x0(x_t, t, v, self.sigma_min)
 
     def _guided_velocity(self, x_t: torch.Tensor, t: float, v_pos: torch.Tensor, v_neg: torch.Tensor,
                          strength: float, rescale: float, sparse_like: SparseTensor | None) -> torch.Tensor:
@@ -157,6 +157,12 @@ class CfgPair:
         if self.sparse:
             return v.feats[:self.rows], v.feats[self.rows:]
         return v.chunk(2)
+
+
+def implied_x0(x_t, t, v, sigma_min: float):
+    """The clean latent a velocity v at (x_t, t) points to: x_t = (1 - t) x0 + (sigma_min + (1 - sigma_min) t) eps
+    and v = (1 - sigma_min) eps - x0 give x0 = (1 - sigma_min) x_t - (sigma_min + (1 - sigma_min) t) v."""
+    return (1 - sigma_min) * x_t - (sigma_min + (1 - sigma_min) * t) * v
 
 
 def per_sample_std(x: torch.Tensor, sparse_like: SparseTensor | None) -> torch.Tensor:

@@ -18,9 +18,12 @@ pure function of (weights, batch, generator seed): this is what makes resumed tr
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
+from ..sampler import implied_x0
 from ..sparse import SparseTensor
 
 SIGMA_MIN = 1e-5          # official FlowEulerGuidanceIntervalSampler(sigma_min=1e-5); written to pipeline.json
@@ -40,13 +43,19 @@ def kl_divergence(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     return 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar).mean()
 
 
-def occupancy_losses(logits: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Dense occupancy [B, 1, R, R, R]: BCE per voxel and soft Dice per sample (robust to the ~5 % fill)."""
-    logits = logits.float()
-    p = logits.sigmoid().flatten(1)
+def occupancy_terms(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense occupancy [B, 1, R, R, R] -> per sample (BCE over its voxels [B], soft Dice [B], robust to the ~5 %
+    fill)."""
+    logits = logits.float().flatten(1)
+    p = logits.sigmoid()
     t = target.float().flatten(1)
     dice = 1.0 - (2.0 * (p * t).sum(1) + 1.0) / (p.sum(1) + t.sum(1) + 1.0)
-    return {"bce": F.binary_cross_entropy_with_logits(logits, target.float()), "dice": dice.mean()}
+    return F.binary_cross_entropy_with_logits(logits, t, reduction="none").mean(1), dice
+
+
+def occupancy_losses(logits: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+    bce, dice = occupancy_terms(logits, target)
+    return {"bce": bce.mean(), "dice": dice.mean()}
 
 
 def fdg_losses(raw: torch.Tensor, offset: torch.Tensor, intersected: torch.Tensor, split: torch.Tensor
@@ -98,11 +107,18 @@ def drop_condition(cond: dict, keep: torch.Tensor) -> dict:
     return {"global": glob, "proj": proj}
 
 
-def flow_matching_loss(model: torch.nn.Module, x0: torch.Tensor | SparseTensor, cond: dict, t_schedule: str,
-                       gen: torch.Generator, concat_cond: SparseTensor | None = None, p_uncond: float = P_UNCOND,
-                       sigma_min: float = SIGMA_MIN) -> torch.Tensor:
-    """MSE between the model's velocity at a random (t, eps) and the target velocity, for a dense latent
-    x0 [B, C, r, r, r] (sparse-structure flow) or a `SparseTensor` latent (structured-latent flows)."""
+class FlowMatching(NamedTuple):
+    loss: torch.Tensor         # MSE between the predicted and the target velocity
+    x0: torch.Tensor           # [B, C, r, r, r] or [N, C]: the clean latent the predicted velocity implies
+    t: torch.Tensor            # [B] the samples' timesteps
+
+
+def flow_matching(model: torch.nn.Module, x0: torch.Tensor | SparseTensor, cond: dict, t_schedule: str,
+                  gen: torch.Generator, concat_cond: SparseTensor | None = None, p_uncond: float = P_UNCOND,
+                  sigma_min: float = SIGMA_MIN) -> FlowMatching:
+    """The model's velocity at a random (t, eps) against the target velocity, for a dense latent x0 [B, C, r, r, r]
+    (sparse-structure flow) or a `SparseTensor` latent (structured-latent flows), and the clean latent the predicted
+    velocity implies (`sampler.implied_x0`, what the sampler's CFG rescale reads)."""
     sparse = isinstance(x0, SparseTensor)
     feats = x0.feats if sparse else x0
     batch = x0.batch_size if sparse else x0.shape[0]
@@ -114,4 +130,14 @@ def flow_matching_loss(model: torch.nn.Module, x0: torch.Tensor | SparseTensor, 
     target = (1.0 - sigma_min) * eps - feats
     extra = {} if concat_cond is None else {"concat_cond": concat_cond}
     pred = model(x0.replace(x_t) if sparse else x_t, 1000.0 * t, drop_condition(cond, keep), **extra)
-    return F.mse_loss((pred.feats if sparse else pred).float(), target.float())
+    velocity = (pred.feats if sparse else pred).float()
+    return FlowMatching(F.mse_loss(velocity, target.float()), implied_x0(x_t.float(), t_b, velocity, sigma_min), t)
+
+
+def structure_loss(logits: torch.Tensor, occupancy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Occupancy BCE + soft Dice of the structure decoded from a sparse-structure flow's implied clean latent,
+    per sample weighted by 1 - t: the latent MSE weighs every latent direction alike, this weighs them by what they
+    change in the decoded structure (the only thing inference reads of the latent); at t near 1 the implied latent is
+    a blur of every structure the image allows, so that end is not pushed towards one decoded shape."""
+    bce, dice = occupancy_terms(logits, occupancy)
+    return ((1.0 - t.to(bce.device)) * (bce + dice)).mean()

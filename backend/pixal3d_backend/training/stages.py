@@ -125,12 +125,13 @@ class Stage:
     def prepare(self, pool: Views) -> Views:
         return pool
 
-    def losses(self, batch: Views, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    def losses(self, batch: Views, gen: torch.Generator, training: bool = True) -> dict[str, torch.Tensor]:
+        """`training` False: the terms of the batch as it is (validation), without a stage's augmentation."""
         raise NotImplementedError
 
 
 class SSVae(Stage):
-    def losses(self, batch, gen):
+    def losses(self, batch, gen, training=True):
         occ = occupancy(batch)
         mean, logvar = self.models["ss_encoder"](occ)
         logits = self.models["sparse_structure_decoder"](losses.gaussian_sample(mean, logvar, gen))
@@ -143,7 +144,7 @@ class SSVae(Stage):
 class SparseVae(Stage):
     """Shape and texture VAEs: encode the true voxels, decode them teacher-forced."""
 
-    def losses(self, batch, gen):
+    def losses(self, batch, gen, training=True):
         encoder, decoder = self.models.values()
         x = shape_inputs(batch) if self.name == "shape_vae" else texture_inputs(batch)
         mean, logvar = encoder(x)
@@ -173,11 +174,14 @@ def normalize(x: torch.Tensor, stats: dict) -> torch.Tensor:
 @torch.no_grad()
 def flow_targets(pool: Views, frozen: dict, normalization: dict) -> Views:
     """Pool of views -> images, cameras and the latents (posterior means) flows learn to generate, one for each
-    VAE encoder in `frozen`: dense "ss" [V, 8, 16, 16, 16]; sparse "shape" and "tex" (normalised) on the tokens."""
+    VAE encoder in `frozen`: dense "ss" [V, 8, 16, 16, 16] with the occupancy it encodes ("occupancy" [V, 1, 64,
+    64, 64] bool: what the structure loss and the mirrored views read); sparse "shape" and "tex" (normalised) on the
+    tokens."""
     dense = {k: pool.dense[k] for k in ("images", "cameras")}
     coords, sparse = pool.coords[:0], {}
     if "ss_encoder" in frozen:
-        dense["ss"] = frozen["ss_encoder"](occupancy(pool))[0]
+        occ = occupancy(pool)
+        dense["ss"], dense["occupancy"] = frozen["ss_encoder"](occ)[0], occ.bool()
     if "shape_encoder" in frozen:
         shape = frozen["shape_encoder"](shape_inputs(pool))[0]
         coords, sparse["shape"] = shape.coords, normalize(shape.feats, normalization["shape"])
@@ -187,27 +191,75 @@ def flow_targets(pool: Views, frozen: dict, normalization: dict) -> Views:
     return Views(dense, coords, sparse)
 
 
+def mirror_and_recolour(images: torch.Tensor, occupancy: torch.Tensor, gen: torch.Generator
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Augmented sparse-structure views: each view mirrored left-right with probability 1/2, its image together with
+    its occupancy [B, 1, R, R, R] along grid x (the crop camera looks at the cube's centre, so the mirrored object
+    in the same camera is exactly the mirrored image, and grid x is the image's horizontal axis), and recoloured (a
+    random permutation of the colour channels and a gain per channel in [0.7, 1.3]: the objects' albedo are random,
+    their shapes are what the image must tell). Images are premultiplied on black, so the background stays black."""
+    b = images.shape[0]
+    flip = (torch.rand(b, generator=gen) < 0.5).to(images.device)
+    permutation = torch.argsort(torch.rand(b, 3, generator=gen), 1).to(images.device)
+    gains = (0.7 + 0.6 * torch.rand(b, 3, generator=gen)).to(images.device, images.dtype)
+    images = torch.where(flip[:, None, None, None], images.flip(3), images)
+    occupancy = torch.where(flip[:, None, None, None, None], occupancy.flip(2), occupancy)
+    images = torch.gather(images, 1, permutation[:, :, None, None].expand_as(images)) * gains[:, :, None, None]
+    return images.clamp(0.0, 1.0), occupancy
+
+
 class FlowStage(Stage):
+    """`augment` (sparse-structure flow): trains on `mirror_and_recolour`ed views, their latents encoded again by
+    the frozen SS encoder. `structure_weight` (sparse-structure flow): adds that weight of `losses.structure_loss`,
+    through the frozen SS decoder (`frozen["sparse_structure_decoder"]`)."""
     needs_images = True
+
+    def __init__(self, name, frozen, normalization, overrides=None, augment: bool = False,
+                 structure_weight: float = 0.0):
+        if structure_weight and "sparse_structure_decoder" not in frozen:
+            raise ValueError("the structure loss decodes through the frozen sparse_structure_decoder; none was given")
+        super().__init__(name, frozen, normalization, overrides)
+        self.augment, self.structure_weight = augment, structure_weight
 
     def prepare(self, pool: Views) -> Views:
         return flow_targets(pool, self.frozen, self.normalization)
 
-    def losses(self, batch, gen):
+    def losses(self, batch, gen, training=True):
         flow, extractor = self.models.values()
-        images, cameras = batch.dense["images"], batch.dense["cameras"]
         if self.name == "ss_flow":
-            cond = condition_dense(extractor, images, cameras, configs.SS_LATENT_RESOLUTION)
-            loss = losses.flow_matching_loss(flow, batch.dense["ss"], cond, "logit_normal", gen)
-        elif self.name == "shape_flow":
+            return self.sparse_structure_losses(flow, extractor, batch, gen, training)
+        images, cameras = batch.dense["images"], batch.dense["cameras"]
+        if self.name == "shape_flow":
             x0 = batch.sparse_tensor("shape")
-            loss = losses.flow_matching_loss(flow, x0, condition_sparse(extractor, images, cameras, x0), "uniform",
-                                             gen)
+            fm = losses.flow_matching(flow, x0, condition_sparse(extractor, images, cameras, x0), "uniform", gen)
         else:
             x0 = batch.sparse_tensor("tex")
-            loss = losses.flow_matching_loss(flow, x0, condition_sparse(extractor, images, cameras, x0), "uniform",
-                                             gen, concat_cond=batch.sparse_tensor("shape"))
-        return {"loss": loss}
+            fm = losses.flow_matching(flow, x0, condition_sparse(extractor, images, cameras, x0), "uniform", gen,
+                                      concat_cond=batch.sparse_tensor("shape"))
+        return {"loss": fm.loss}
+
+    def sparse_structure_losses(self, flow, extractor, batch, gen, training):
+        """{"loss", "flow": the latent flow matching term, "structure": `losses.structure_loss` when the views carry
+        their occupancy and the SS decoder is at hand (logged even when it is not optimised: a number comparable
+        across runs of different weights)}."""
+        images, cameras, latent = batch.dense["images"], batch.dense["cameras"], batch.dense["ss"]
+        occ = batch.dense.get("occupancy")
+        if occ is None and (self.augment or self.structure_weight):
+            raise ValueError("these views carry no occupancy (a pool written before it was stored); write the pool "
+                             "again with python -m pixal3d_backend.training.flow_pool")
+        if self.augment and training:
+            images, occ = mirror_and_recolour(images, occ, gen)
+            with torch.no_grad():
+                latent = self.frozen["ss_encoder"](occ.float())[0]
+        cond = condition_dense(extractor, images, cameras, configs.SS_LATENT_RESOLUTION)
+        fm = losses.flow_matching(flow, latent, cond, "logit_normal", gen)
+        terms = {"loss": fm.loss, "flow": fm.loss}
+        decoder = self.frozen.get("sparse_structure_decoder")
+        if decoder is not None and occ is not None:
+            with torch.set_grad_enabled(torch.is_grad_enabled() and self.structure_weight > 0):
+                terms["structure"] = losses.structure_loss(decoder(fm.x0), occ, fm.t)
+            terms["loss"] = fm.loss + self.structure_weight * terms["structure"]
+        return terms
 
 
 STAGE_CLASSES = {"ss_vae": SSVae, "shape_vae": SparseVae, "tex_vae": SparseVae,

@@ -164,10 +164,16 @@ def deepen(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> list[int]
 
 
 def dependencies(out: Path, stage: str, device, overrides=None) -> tuple[dict, dict]:
-    """Frozen encoders and latent normalisation a flow stage needs from the VAE stages."""
+    """Frozen encoders and latent normalisation a flow stage needs from the VAE stages; the sparse-structure flow
+    also gets the SS decoder when the ss_vae weights hold it (its structure loss decodes through it)."""
     frozen, normalization = {}, {}
     for dep in DEPENDS[stage]:
-        nets, meta = load_networks(out, dep, [trained_keys(dep)[0]], device, overrides)
+        keys = [trained_keys(dep)[0]]
+        if stage == "ss_flow":
+            with safe_open(str(out / dep / "weights.safetensors"), framework="pt") as f:
+                if any(k.startswith("sparse_structure_decoder.") for k in f.keys()):
+                    keys.append("sparse_structure_decoder")
+        nets, meta = load_networks(out, dep, keys, device, overrides)
         frozen.update(nets)
         normalization.update(meta.get("normalization", {}))
     return frozen, normalization
@@ -186,9 +192,11 @@ class Trainer:
                  overrides: dict | None = None, log_every: int = 25, checkpoint_minutes: float = 3.0,
                  pool_dir: Path | None = None, freeze_encoder: bool = False, val_dir: Path | None = None,
                  blocks: int | None = None, lr_decay: float | None = None, encoder_layers: int | None = None,
-                 views_per_step: int | None = None):
+                 views_per_step: int | None = None, augment: bool = False, structure_weight: float = 0.0):
         if freeze_encoder and stage not in ("shape_vae", "tex_vae", "ss_vae"):
             raise ValueError(f"freeze_encoder is for VAE stages, not {stage}")
+        if (augment or structure_weight) and stage != "ss_flow":
+            raise ValueError(f"augment and structure_weight are for the sparse-structure flow, not {stage}")
         if (blocks is not None or encoder_layers is not None) and not stage.endswith("_flow"):
             raise ValueError(f"blocks and encoder_layers deepen a flow stage's networks; {stage} is not one")
         if blocks is not None:
@@ -213,7 +221,8 @@ class Trainer:
         self.dir.mkdir(parents=True, exist_ok=True)
         frozen, normalization = dependencies(out, stage, self.device, overrides)
         torch.manual_seed(seed)                                   # initial weights
-        self.stage = STAGE_CLASSES[stage](stage, frozen, normalization, overrides)
+        options = {"augment": augment, "structure_weight": structure_weight} if stage == "ss_flow" else {}
+        self.stage = STAGE_CLASSES[stage](stage, frozen, normalization, overrides, **options)
         self.models = self.stage.models.to(self.device)
         self.optimizer = torch.optim.AdamW(self.models.parameters(), lr=LEARNING_RATE[stage], betas=(0.9, 0.99),
                                            weight_decay=0.01)
@@ -291,7 +300,7 @@ class Trainer:
         for start in range(0, len(self.val), n):
             batch = self.val.select(torch.arange(start, min(start + n, len(self.val))))
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-                terms = self.stage.losses(batch, torch.Generator().manual_seed(VAL_SEED + start))
+                terms = self.stage.losses(batch, torch.Generator().manual_seed(VAL_SEED + start), training=False)
             for k, v in terms.items():
                 totals[k] = totals.get(k, 0.0) + v.item() * len(batch)
         self.models.load_state_dict(live)
@@ -376,6 +385,8 @@ class Trainer:
                   "frozen_encoder": self.freeze_encoder,
                   "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
                   "views_per_step": self.views_per_step, "minutes": minutes, "lr_decay": self.lr_decay,
+                  **({"augment": self.stage.augment, "structure_weight": self.stage.structure_weight}
+                     if self.name == "ss_flow" else {}),
                   "init": str(init) if init is not None and not resumed else None})
         pool = self.build_pool(60 * minutes, max_pool_batches)
         self.validate()
@@ -418,7 +429,7 @@ def stage_minutes(stages: list[str], minutes: float) -> dict[str, float]:
     return {s: minutes * configs.PLAN_MINUTES[s] / total for s in stages}
 
 
-def main(argv: list[str] | None = None) -> None:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--stage", nargs="+", required=True, choices=(*configs.STAGES, "all"))
     p.add_argument("--minutes", type=float, required=True, help="wall-clock budget of this invocation")
@@ -449,6 +460,24 @@ def main(argv: list[str] | None = None) -> None:
                    help="flow stages: an image encoder of N DINOv3 layers, deepened like --blocks")
     p.add_argument("--views-per-step", type=int, default=None, metavar="N",
                    help="minibatch size (default: the stage's, stages.VIEWS_PER_STEP)")
+    p.add_argument("--augment", action="store_true", help="ss_flow: train on mirrored and recoloured views "
+                   "(stages.mirror_and_recolour; needs a pool that carries the occupancy)")
+    p.add_argument("--structure-loss", type=float, default=0.0, metavar="W",
+                   help="ss_flow: add W times the occupancy loss of the structure decoded from the implied clean "
+                        "latent (losses.structure_loss; needs the SS decoder in OUT/ss_vae)")
+    return p
+
+
+def trainer(stage: str, args: argparse.Namespace) -> Trainer:
+    """The trainer of one stage as the command line asks for it."""
+    return Trainer(stage, args.out, args.device, args.seed, args.workers, checkpoint_minutes=args.checkpoint_minutes,
+                   pool_dir=args.pool, freeze_encoder=args.freeze_encoder, val_dir=args.val_pool, blocks=args.blocks,
+                   lr_decay=args.lr_decay, encoder_layers=args.encoder_layers, views_per_step=args.views_per_step,
+                   augment=args.augment, structure_weight=args.structure_loss)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = parser()
     args = p.parse_args(argv)
     # Every flow batch packs a new mix of token counts: cuDNN attention would build an execution plan for each new
     # shape (the first minutes of a run were ~25x slower per step than its end); flash attention builds none.
@@ -457,12 +486,7 @@ def main(argv: list[str] | None = None) -> None:
     for stage, minutes in stage_minutes(stages, args.minutes).items():
         if (args.pool is not None or args.val_pool is not None) and not stage.endswith("_flow"):
             p.error(f"--pool and --val-pool hold flow training data; stage {stage} generates its own")
-        trainer = Trainer(stage, args.out, args.device, args.seed, args.workers,
-                          checkpoint_minutes=args.checkpoint_minutes, pool_dir=args.pool,
-                          freeze_encoder=args.freeze_encoder, val_dir=args.val_pool, blocks=args.blocks,
-                          lr_decay=args.lr_decay, encoder_layers=args.encoder_layers,
-                          views_per_step=args.views_per_step)
-        trainer.run(minutes, args.resume, args.max_steps, init=args.init)
+        trainer(stage, args).run(minutes, args.resume, args.max_steps, init=args.init)
 
 
 if __name__ == "__main__":

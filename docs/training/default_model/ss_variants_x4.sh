@@ -1,31 +1,47 @@
 #!/usr/bin/env bash
-# Session 8 (4x H200, `run` from the repo root, OUT set by the device tool): the sparse-structure flow alone, four
+# Session 8/9 (4x H200, `run` from the repo root, OUT set by the device tool): the sparse-structure flow alone, four
 # variants side by side on one growing pool, each from the bundled model's SS flow, so their validation losses
 # (same held-out views, noise and timesteps) say which change to keep. The shape and texture flows are not trained.
 #   every GPU: 4 flow_pool processes writing a part every minute (batches from FIRST_BATCH; never used before);
 #   first, 4 processes write the validation pool (batches from VAL_BATCH, the same views as grow_x4.sh's);
-#   then GPU k trains variant k of VARIANTS ("name:train.py arguments", the name is its output's prefix).
-# Needs .device_carry/vae/<stage>/weights.safetensors (the VAE encoders, carried; the SS latents come from ss_vae).
-# Call:  TOTAL_MIN=8.2 FIRST_BATCH=50000 bash docs/training/default_model/ss_variants_x4.sh   (session 8; its weights
-#        came back as <name>_ss_flow_weights.safetensors, now <name>_weights.safetensors)
+#   then GPU k trains variant k of VARIANTS ("name:train.py arguments", comma-separated; the name is its output's
+#   prefix).
+# Needs .device_carry/vae/<stage>/weights.safetensors (the VAE encoders, carried; the SS latents come from ss_vae);
+# the bundled model's SS decoder joins the ss_vae weights, so every variant logs the structure term through the
+# decoder inference uses (and --structure-loss trains through it).
+# Calls:  TOTAL_MIN=8.2 FIRST_BATCH=50000 VARIANTS="A: B:--views-per-step=96 E:--encoder-layers=8
+#           BE:--views-per-step=96,--encoder-layers=8" bash docs/training/default_model/ss_variants_x4.sh   (session 8)
+#         TOTAL_MIN=8.4 FIRST_BATCH=60000 bash docs/training/default_model/ss_variants_x4.sh   (session 9: defaults)
 set -u
 export PYTHONPATH=$PWD/backend:$PWD/kernels PYTHONUNBUFFERED=1 PIXAL3D_SPARSE_CONV=torch
 TOTAL_MIN=${TOTAL_MIN:-8.6}; FIRST_BATCH=${FIRST_BATCH:-50000}; VAL_BATCH=${VAL_BATCH:-50000000}
-VARIANTS=${VARIANTS:-"A: B:--views-per-step=96 E:--encoder-layers=8 BE:--views-per-step=96,--encoder-layers=8"}
+VARIANTS=${VARIANTS:-"A: G:--augment S:--structure-loss=0.5 GS:--augment,--structure-loss=0.5"}
 INIT=backend/pixal3d_backend/default_model
 VAE=/tmp/vae; POOL=/tmp/pool; VAL=/tmp/val; LOG=$OUT/logs.txt
 mkdir -p $VAE $POOL $VAL && cp -r .device_carry/vae/* $VAE/
 nvidia-smi -L | tee -a $LOG
+python - <<PY                       # the SS decoder inference uses, beside the encoder whose latents the flow learns
+import json
+from pathlib import Path
+from safetensors.torch import load_file, save_file
+from pixal3d_backend.training.train import load_weights
+path = Path("$VAE/ss_vae/weights.safetensors")
+tensors, meta = load_weights(path)
+ckpt = Path("$INIT/ckpts/ss_dec_conv3d_small_16l8")
+tensors.update({"sparse_structure_decoder." + k: v for k, v in load_file(f"{ckpt}.safetensors").items()})
+meta["configs"]["sparse_structure_decoder"] = json.loads(Path(f"{ckpt}.json").read_text())
+save_file(tensors, str(path), metadata={"pixal3d": json.dumps(meta)})
+PY
 for variant in $VARIANTS; do        # preflight: each variant builds and loads its start before the pool is made
   args=${variant#*:}; rm -rf /tmp/preflight && mkdir -p /tmp/preflight && cp -r $VAE/* /tmp/preflight/
   python - ${args//,/ } <<PY || { echo "variant $variant does not start" | tee -a $LOG; exit 1; }
-import argparse, sys
+import sys
 from pathlib import Path
 from pixal3d_backend.training import train
-p = argparse.ArgumentParser(); p.add_argument("--views-per-step", type=int); p.add_argument("--encoder-layers", type=int)
-a = p.parse_args()
-t = train.Trainer("ss_flow", Path("/tmp/preflight"), "cpu", encoder_layers=a.encoder_layers, views_per_step=a.views_per_step)
+a = train.parser().parse_args(["--stage", "ss_flow", "--minutes", "1", "--out", "/tmp/preflight", *sys.argv[1:]])
+t = train.trainer("ss_flow", a)
 t.initialise_from(Path("$INIT"))
+assert "sparse_structure_decoder" in t.stage.frozen
 PY
 done
 source docs/training/default_model/growing_pool.sh
