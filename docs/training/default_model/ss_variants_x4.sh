@@ -11,7 +11,7 @@
 # decoder inference uses (and --structure-loss trains through it).
 # Calls:  TOTAL_MIN=8.2 FIRST_BATCH=50000 VARIANTS="A: B:--views-per-step=96 E:--encoder-layers=8
 #           BE:--views-per-step=96,--encoder-layers=8" bash docs/training/default_model/ss_variants_x4.sh   (session 8)
-#         TOTAL_MIN=8.4 FIRST_BATCH=60000 bash docs/training/default_model/ss_variants_x4.sh   (session 9: defaults)
+#         TOTAL_MIN=8.0 FIRST_BATCH=60000 bash docs/training/default_model/ss_variants_x4.sh   (session 9: defaults)
 set -u
 export PYTHONPATH=$PWD/backend:$PWD/kernels PYTHONUNBUFFERED=1 PIXAL3D_SPARSE_CONV=torch
 TOTAL_MIN=${TOTAL_MIN:-8.6}; FIRST_BATCH=${FIRST_BATCH:-50000}; VAL_BATCH=${VAL_BATCH:-50000000}
