@@ -2,6 +2,8 @@
 bit-identical resume, and an exported snapshot that loads strictly."""
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -192,6 +194,25 @@ def test_export_default_writes_a_strictly_loadable_snapshot(pool, tmp_path, monk
     assert all(torch.equal(v, shipped[k].float()) for k, v in decoder.items())
     with pytest.raises(ValueError, match="no \\['tex_encoder'\\]"):
         train.Trainer("tex_vae", tmp_path / "fresh", "cpu", overrides=TINY).initialise_from(out)
+
+    # a variant of one stage, trained from the snapshot, swapped into a copy of it (to evaluate side by side)
+    variant = tmp_path / "variant"
+    for stage in ("ss_vae", "shape_vae", "tex_vae"):
+        shutil.copytree(run / stage, variant / stage)
+    train.Trainer("ss_flow", variant, "cpu", overrides=TINY, log_every=1).run(minutes=5, resume=False, max_steps=2,
+                                                                              init=out)
+    export_default.main(["--base", str(out), "--replace", str(variant / "ss_flow" / "weights.safetensors"),
+                         "--out", str(tmp_path / "swapped")])
+    swapped = Snapshot.open(tmp_path / "swapped")
+    trained, _ = train.load_weights(variant / "ss_flow" / "weights.safetensors")
+    for key in export_default.CKPT_NAMES:
+        mine, theirs = swapped.load(key).state_dict(), snapshot.load(key).state_dict()
+        if key in ("sparse_structure_flow_model", "image_cond_model_ss"):
+            assert all(torch.equal(v, trained[f"{key}.{k}"].to(v.dtype)) for k, v in mine.items()
+                       if f"{key}.{k}" in trained) and any(not torch.equal(v, theirs[k]) for k, v in mine.items())
+        else:
+            assert all(torch.equal(v, theirs[k]) for k, v in mine.items())
+    assert not (tmp_path / "swapped" / "MODEL_CARD.md").exists()
 
 
 def test_flow_pool_shards_load_back_in_shard_order_with_8_bit_images(pool, tmp_path):

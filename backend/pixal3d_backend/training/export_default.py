@@ -2,6 +2,11 @@
 
     python -m pixal3d_backend.training.export_default --run runs/default --eval eval.json \
         [--out backend/pixal3d_backend/default_model]
+    python -m pixal3d_backend.training.export_default --base backend/pixal3d_backend/default_model \
+        --replace runs/variant/ss_flow/weights.safetensors --out /tmp/variant_model
+
+The second form writes a copy of a snapshot with the networks of one stage's weights in place of its own (a
+variant trained from the snapshot, to evaluate beside it); the card is not carried over.
 
 Snapshot (loaded by `loading.Snapshot`, every checkpoint strictly):
 
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -172,14 +178,12 @@ def export(run: Path, evaluation: dict | None, out: Path = DEFAULT_DIR) -> Path:
         normalization.update(meta["normalization"])
         for key in trained_keys(stage):
             if key in CKPT_NAMES:
-                weights[key] = official_names(key, prefixed(tensors, key))
+                weights[key] = prefixed(tensors, key)
                 models[key] = meta["configs"][key]
     (out / "ckpts").mkdir(parents=True, exist_ok=True)
     sizes = {}
-    for key, name in CKPT_NAMES.items():
-        (out / "ckpts" / f"{name}.json").write_text(json.dumps(models[key], indent=2) + "\n")
-        path = out / "ckpts" / f"{name}.safetensors"
-        save_file(weights[key], str(path))
+    for key in CKPT_NAMES:
+        path = write_checkpoint(out, key, models[key], weights[key])
         sizes[key] = (sum(t.numel() for t in weights[key].values() if t.is_floating_point()), path.stat().st_size)
     total = sum(s for _, s in sizes.values())
     if total > MAX_BYTES:
@@ -190,13 +194,45 @@ def export(run: Path, evaluation: dict | None, out: Path = DEFAULT_DIR) -> Path:
     return out
 
 
+def write_checkpoint(out: Path, key: str, config: dict, tensors: dict[str, torch.Tensor]) -> Path:
+    """ckpts/<name>.json and .safetensors of network `key` in the snapshot folder `out`."""
+    name = CKPT_NAMES[key]
+    (out / "ckpts" / f"{name}.json").write_text(json.dumps(config, indent=2) + "\n")
+    path = out / "ckpts" / f"{name}.safetensors"
+    save_file(official_names(key, tensors), str(path))
+    return path
+
+
+def replace_networks(base: Path, weights: Path, out: Path) -> list[str]:
+    """A copy of snapshot `base` in `out` with every network of the stage weights `weights` (a training run's
+    `<stage>/weights.safetensors`) replacing the snapshot's; returns the replaced keys."""
+    tensors, meta = load_weights(weights)
+    keys = [k for k in trained_keys(meta["stage"]) if k in CKPT_NAMES]
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.copytree(base, out, ignore=shutil.ignore_patterns("MODEL_CARD.md"))
+    for key in keys:
+        write_checkpoint(out, key, meta["configs"][key], prefixed(tensors, key))
+    return keys
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--run", type=Path, required=True, help="the --out folder of training.train")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--run", type=Path, help="the --out folder of training.train")
+    what.add_argument("--base", type=Path, help="a snapshot to copy, with the networks of --replace in it")
+    p.add_argument("--replace", type=Path, help="with --base: a stage's weights.safetensors")
     p.add_argument("--eval", type=Path, help='JSON {"command": "<the pixal3d eval command>", "metrics": {...}}; '
                    'without it only the snapshot is written (evaluate it, then export again for the card)')
     p.add_argument("--out", type=Path, default=DEFAULT_DIR)
     args = p.parse_args(argv)
+    if args.base is not None:
+        if args.replace is None or args.eval is not None:
+            p.error("--base takes --replace and --out, not --eval")
+        if args.out.resolve() == DEFAULT_DIR.resolve():
+            p.error("--base writes a variant: give it its own --out")
+        print(args.out, "with", ", ".join(replace_networks(args.base, args.replace, args.out)), "replaced")
+        return
     evaluation = json.loads(args.eval.read_text()) if args.eval else None
     if evaluation is not None and (not evaluation.get("metrics") or not evaluation.get("command")):
         raise SystemExit(f"{args.eval} needs a non-empty 'metrics' and the 'command' that produced them")

@@ -12,6 +12,8 @@
 # Calls:  TOTAL_MIN=8.2 FIRST_BATCH=50000 VARIANTS="A: B:--views-per-step=96 E:--encoder-layers=8
 #           BE:--views-per-step=96,--encoder-layers=8" bash docs/training/default_model/ss_variants_x4.sh   (session 8)
 #         TOTAL_MIN=8.0 FIRST_BATCH=60000 bash docs/training/default_model/ss_variants_x4.sh   (session 9: defaults)
+#         TOTAL_MIN=8.0 FIRST_BATCH=62000 INIT_WEIGHTS=.device_carry/ss9/S_weights.safetensors
+#           VARIANTS="S:--structure-loss=0.5 S2:--structure-loss=2 A:" bash ...   (session 9, second command: from S)
 set -u
 export PYTHONPATH=$PWD/backend:$PWD/kernels PYTHONUNBUFFERED=1 PIXAL3D_SPARSE_CONV=torch
 TOTAL_MIN=${TOTAL_MIN:-8.6}; FIRST_BATCH=${FIRST_BATCH:-50000}; VAL_BATCH=${VAL_BATCH:-50000000}
@@ -19,6 +21,10 @@ VARIANTS=${VARIANTS:-"A: G:--augment S:--structure-loss=0.5 GS:--augment,--struc
 INIT=backend/pixal3d_backend/default_model
 VAE=/tmp/vae; POOL=/tmp/pool; VAL=/tmp/val; LOG=$OUT/logs.txt
 mkdir -p $VAE $POOL $VAL && cp -r .device_carry/vae/* $VAE/
+if [ -n "${INIT_WEIGHTS:-}" ]; then  # start from an earlier variant: the bundled model with its SS weights in
+  python -m pixal3d_backend.training.export_default --base $INIT --replace $INIT_WEIGHTS --out /tmp/init || exit 1
+  INIT=/tmp/init
+fi
 nvidia-smi -L | tee -a $LOG
 python - <<PY                       # the SS decoder inference uses, beside the encoder whose latents the flow learns
 import json
