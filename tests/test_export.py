@@ -300,3 +300,33 @@ def test_glb_imports_in_blender_with_material_links(sphere_asset, tmp_path):
     assert np.allclose(loc, [0, crop.distance, 0], atol=1e-4) and abs(angle - crop.fov) < 1e-4
     assert np.allclose(np.cos(rot), np.cos(np.radians([90, 0, 180])), atol=1e-4)
     assert _blender_import(opaque)["alpha"] is None
+
+
+def test_the_closest_triangle_band_is_exact_and_the_same_in_any_chunking():
+    """Every grid vertex within the radius of a surface gets its exact closest triangle (brute force over all
+    triangles) and distance, however the (triangle, grid vertex) pairs are chunked (CPU and GPU sizes differ)."""
+    from pixal3d_backend.export.closest import ClosestTriangleBand, Grid, closest_on_triangles, triangle_point
+    sphere = trimesh.creation.icosphere(subdivisions=2, radius=0.3)
+    g = torch.Generator().manual_seed(0)
+    v = torch.tensor(sphere.vertices, dtype=torch.float32) * (1 + 0.1 * torch.rand(len(sphere.vertices), 1, generator=g))
+    f = torch.tensor(sphere.faces, dtype=torch.long)
+    grid, radius = Grid(origin=-0.5, spacing=1 / 24, dims=25), 1.5 / 24
+    bands = [ClosestTriangleBand.build(v, f, grid, radius, pairs_per_chunk=n) for n in (None, 257)]
+    assert all(torch.equal(getattr(bands[0], k), getattr(bands[1], k)) for k in ("keys", "triangle", "distance"))
+    band = bands[0]
+    p = grid.position(grid.index(band.keys))
+    tri = v[f]
+    a, b, c = (tri[None, :, i].expand(len(p), -1, -1) for i in range(3))
+    q = p[:, None].expand_as(a)
+    brute = (q - triangle_point(closest_on_triangles(q, a, b, c), a, b, c)).norm(dim=-1).amin(1)
+    assert len(band.keys) > 500 and (band.distance <= radius).all()
+    torch.testing.assert_close(band.distance, brute, atol=1e-6, rtol=0)
+    inside = (brute <= radius).sum()
+    all_grid = grid.position(grid.index(torch.arange(grid.dims ** 3)))
+    near = 0
+    for chunk in torch.split(all_grid, 4096):
+        qc = chunk[:, None].expand(-1, len(f), -1)
+        ac, bc, cc = (tri[None, :, i].expand(len(chunk), -1, -1) for i in range(3))
+        near += int(((qc - triangle_point(closest_on_triangles(qc, ac, bc, cc), ac, bc, cc)).norm(dim=-1).amin(1)
+                     <= radius).sum())
+    assert near == inside == len(band.keys)                   # no grid vertex within the radius is missing

@@ -24,8 +24,13 @@ def _dense_reference(conv, coords, feats, res):
     return out[b, :, x, y, z]
 
 
-def test_neighbor_map_matches_brute_force():
+@pytest.mark.parametrize("lookup", ["dense table", "sorted keys"])
+def test_neighbor_map_matches_brute_force(lookup, monkeypatch):
+    """Both lookups of `CoordinateIndex` (a dense table for small boxes, binary search beyond DENSE_LIMIT cells)."""
+    if lookup == "sorted keys":
+        monkeypatch.setattr(CoordinateIndex, "DENSE_LIMIT", 0)
     coords, _ = _random_sparse(batch=2, res=5)
+    assert (CoordinateIndex(coords).table is None) == (lookup == "sorted keys")
     nmap = build_neighbor_map(coords)
     rows = {tuple(c): i for i, c in enumerate(coords.tolist())}
     for i, (b, x, y, z) in enumerate(coords.tolist()):
@@ -33,10 +38,16 @@ def test_neighbor_map_matches_brute_force():
             assert nmap[i, k] == rows.get((b, x + dx, y + dy, z + dz), -1)
 
 
-def test_coordinate_index_rejects_outside_and_missing():
-    index = CoordinateIndex(torch.tensor([[0, 2, 3], [1, 0, 0], [4, 4, 4]]))
+@pytest.mark.parametrize("dense_limit", [CoordinateIndex.DENSE_LIMIT, 0])
+@pytest.mark.parametrize("margin", [None, [1, 1, 1]])
+def test_coordinate_index_rejects_outside_and_missing(dense_limit, margin, monkeypatch):
+    monkeypatch.setattr(CoordinateIndex, "DENSE_LIMIT", dense_limit)
+    index = CoordinateIndex(torch.tensor([[0, 2, 3], [1, 0, 0], [4, 4, 4]]), margin=margin)
     found = index.find(torch.tensor([[4, 4, 4], [0, 2, 3], [0, 2, 4], [5, 0, 0], [-1, 0, 0], [1, 0, 0]]))
     assert found.tolist() == [2, 0, -1, -1, -1, 1]
+    assert index.find_shifted(torch.tensor([-1, 0, 0])).tolist() == [-1, -1, -1]
+    assert index.find_shifted(torch.tensor([0, 0, 0])).tolist() == [0, 1, 2]
+    assert index.find_shifted(torch.tensor([1, -2, -3])).tolist() == [1, -1, -1]   # beyond the margin too
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton", "spconv"])
@@ -80,7 +91,7 @@ def test_chunked_gemm_equals_single_chunk(monkeypatch):
     nmap = build_neighbor_map(coords)
     with torch.no_grad():
         whole = sparse_conv.submanifold_conv3d_reference(feats, nmap, conv.weight, conv.bias)
-        monkeypatch.setattr(sparse_conv, "_GATHER_BUDGET", 27 * 8 * 7)    # 7 rows per chunk
+        monkeypatch.setitem(sparse_conv._GATHER_BUDGET, "cpu", 27 * 8 * 7)    # 7 rows per chunk
         chunked = sparse_conv.submanifold_conv3d_reference(feats, nmap, conv.weight, conv.bias)
     torch.testing.assert_close(chunked, whole)
 
