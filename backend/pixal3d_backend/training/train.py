@@ -30,7 +30,9 @@ times its rate at the end (the schedule follows the clock, so such a run is not 
 layers, starting from an `--init` with fewer: the earlier blocks keep their weights and the new ones start as the
 identity (`deepen`), so training resumes from the same function with more capacity. `--views-per-step N` trains on
 larger (or smaller) minibatches than the stage's default; the validation loss keeps the default's chunks, so its
-numbers stay comparable across runs.
+numbers stay comparable across runs. For the sparse-structure flow, `--augment` trains on mirrored and recoloured
+views and `--structure-loss W` adds an occupancy loss through the frozen SS decoder (`stages.FlowStage`); its
+validation logs the latent term ("flow") and the structure term apart, so variants compare on both.
 """
 from __future__ import annotations
 
