@@ -410,6 +410,9 @@ def test_the_structure_trained_flow_optimises_both_terms_and_validates_unaugment
     val = [trainer.stage.losses(batch, torch.Generator().manual_seed(4), training=False) for _ in range(2)]
     trained = trainer.stage.losses(batch, torch.Generator().manual_seed(4))
     assert val[0]["loss"] == val[1]["loss"] != trained["loss"]
+    plain = train.Trainer("ss_flow", tmp_path, "cpu", overrides=TINY)   # not optimised: validation still reports it
+    assert "structure" in plain.stage.losses(batch, torch.Generator().manual_seed(4), training=False)
+    assert "structure" not in plain.stage.losses(batch, torch.Generator().manual_seed(4))
     with pytest.raises(ValueError, match="sparse-structure flow"):
         train.Trainer("shape_flow", tmp_path, "cpu", overrides=TINY, augment=True)
     without = Views(dict(batch.dense), batch.coords, batch.sparse)

@@ -8,8 +8,8 @@ Coordinates are int [N, 4] = (batch, x, y, z), unique and non-negative.
 
 Two computations, each as a plain-PyTorch reference and a Triton kernel (`sparse_conv_triton`):
   * `build_neighbor_map(coords)` -> int32 [N, 27]: the row of the voxel at coords + (0, KERNEL_OFFSETS[k]), or -1.
-    Reference: `CoordinateIndex` (a dense table of rows, or sorted int64 keys + searchsorted). Kernel: an open-addressing GPU hash table.
-    Both give the identical map.
+    Reference: `CoordinateIndex` (a dense table of rows, or sorted int64 keys + searchsorted). Kernel: an
+    open-addressing GPU hash table. Both give the identical map.
   * `submanifold_conv3d(feats, neighbor_map, weight, bias)`. Reference: a gathered GEMM over row chunks (keeps
     autograd). Kernel: an implicit GEMM that gathers the neighbour rows tile by tile and skips the offsets no row
     of a tile has (inference only: it has no backward, so anything that needs a gradient runs the reference).

@@ -240,8 +240,8 @@ class FlowStage(Stage):
 
     def sparse_structure_losses(self, flow, extractor, batch, gen, training):
         """{"loss", "flow": the latent flow matching term, "structure": `losses.structure_loss` when the views carry
-        their occupancy and the SS decoder is at hand (logged even when it is not optimised: a number comparable
-        across runs of different weights)}."""
+        their occupancy and the SS decoder is at hand, and it is optimised or this is validation (where it is a
+        number comparable across runs of any weight; a training step that does not optimise it skips the decode)}."""
         images, cameras, latent = batch.dense["images"], batch.dense["cameras"], batch.dense["ss"]
         occ = batch.dense.get("occupancy")
         if occ is None and (self.augment or self.structure_weight):
@@ -255,9 +255,8 @@ class FlowStage(Stage):
         fm = losses.flow_matching(flow, latent, cond, "logit_normal", gen)
         terms = {"loss": fm.loss, "flow": fm.loss}
         decoder = self.frozen.get("sparse_structure_decoder")
-        if decoder is not None and occ is not None:
-            with torch.set_grad_enabled(torch.is_grad_enabled() and self.structure_weight > 0):
-                terms["structure"] = losses.structure_loss(decoder(fm.x0), occ, fm.t)
+        if decoder is not None and occ is not None and (self.structure_weight or not training):
+            terms["structure"] = losses.structure_loss(decoder(fm.x0), occ, fm.t)
             terms["loss"] = fm.loss + self.structure_weight * terms["structure"]
         return terms
 
