@@ -12,7 +12,7 @@ from conftest import PARITY_DIR
 from pixal3d_kernels.dit_pointwise import rms_norm_rope
 from pixal3d_backend.models import build_model
 from pixal3d_backend.models.attention import VarLenLayout, attention, rope_phases
-from pixal3d_backend.models.flow_dit import SLatFlowModel, SparseStructureFlowModel
+from pixal3d_backend.models.flow_dit import SLatFlowModel, SparseStructureFlowModel, absolute_position_embedding
 from pixal3d_backend.sampler import (STAGE_DEFAULTS, Cancelled, FlowEulerGuidanceIntervalSampler, per_sample_std,
                                      timesteps)
 from pixal3d_backend.sparse import SparseTensor
@@ -129,6 +129,43 @@ def test_dense_and_sparse_models_agree_on_the_full_grid():
         out_sparse = sparse(SparseTensor(tokens(x), coords), t,
                             {"global": glob, "proj": SparseTensor(proj.flatten(0, 1), coords)})
     torch.testing.assert_close(out_sparse.feats, tokens(out_dense), rtol=1e-5, atol=1e-5)
+
+
+def test_absolute_position_embedding_is_the_official_sinusoid_per_axis():
+    """TRELLIS's `AbsolutePositionEmbedder(channels, 3)`: per axis [sin(c f_j), cos(c f_j)], f_j = 10000^(-j/F),
+    F = channels // 6, axes x, y, z one after another, zeros up to `channels` (written out for one cell)."""
+    cell, channels = torch.tensor([[3, 0, 7]]), 32
+    f = [10000.0 ** (-j / 5) for j in range(5)]
+    expected = []
+    for c in (3, 0, 7):
+        expected += [math.sin(c * fj) for fj in f] + [math.cos(c * fj) for fj in f]
+    expected += [0.0, 0.0]
+    torch.testing.assert_close(absolute_position_embedding(cell, channels)[0], torch.tensor(expected))
+
+
+def test_rope_flow_cannot_tell_depth_along_a_ray_and_ape_flow_can():
+    """Why the default model's structure flow uses pe_mode "ape": with RoPE, attention sees relative offsets only,
+    so cells whose inputs are equal (the same noise statistics and the same lifted pixel along a line of sight) get
+    the same update wherever they are; absolute embeddings make the update depend on the cell. Also: each mode
+    keeps its own position buffer, loads strictly, and a state of the other mode does not load."""
+    r = SMALL["resolution"]
+    x = torch.full((1, 8, r, r, r), 0.3)
+    cond = {"global": torch.randn(1, 5, 16), "proj": torch.ones(1, r ** 3, 12)}
+    spread = {}
+    for mode in ("rope", "ape"):
+        model = _randomized(SparseStructureFlowModel(**{**SMALL, "pe_mode": mode}))
+        with torch.no_grad():
+            out = model(x, torch.tensor([500.0]), cond)
+        spread[mode] = float(out.flatten(2).std(2).max())
+        again = SparseStructureFlowModel(**{**SMALL, "pe_mode": mode})
+        again.load_state_dict(model.state_dict())
+        with torch.no_grad():
+            torch.testing.assert_close(again.eval()(x, torch.tensor([500.0]), cond), out)
+    assert spread["rope"] < 1e-5 and spread["ape"] > 1e-3, spread     # float rounding vs a real difference
+    ape = SparseStructureFlowModel(**{**SMALL, "pe_mode": "ape"})
+    assert "pos_emb" in ape.state_dict() and "rope_phases" not in ape.state_dict()
+    with pytest.raises(RuntimeError, match="pos_emb"):
+        ape.load_state_dict(SparseStructureFlowModel(**SMALL).state_dict())
 
 
 @pytest.mark.parametrize("case", ["dense pair", "packed pair", "packed unequal"])

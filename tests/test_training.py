@@ -311,6 +311,34 @@ def test_a_deepened_flow_starts_as_the_flow_it_grew_from_and_trains_its_new_bloc
         train.deepen(shallow.models["sparse_structure_flow_model"], flow.state_dict())
 
 
+def test_an_absolute_position_flow_starts_from_a_rope_run_with_all_its_parameters(pool, tmp_path, monkeypatch):
+    """`train.py --stage ss_flow --pe-mode ape --init RUN` from a RoPE flow: every parameter (flow and image encoder)
+    carries over, the position buffer is the ape model's own, it trains, and its weights load back as an "ape" flow
+    (the config travels with them to the export)."""
+    _finished_stage("ss_vae", pool, tmp_path)
+    _trainer("ss_flow", tmp_path, monkeypatch, pool).run(minutes=5, resume=False, max_steps=1)
+    rope_state = train.load_weights(tmp_path / "ss_flow" / "weights.safetensors")[0]
+    ape = train.Trainer("ss_flow", tmp_path, "cpu", overrides=TINY, log_every=1, pe_mode="ape")
+    ape.initialise_from(tmp_path)
+    flow = ape.models["sparse_structure_flow_model"]
+    assert flow.pe_mode == "ape"
+    for key, value in ape.models.state_dict().items():
+        if key != "sparse_structure_flow_model.pos_emb":
+            assert torch.equal(value.to(rope_state[key].dtype), rope_state[key]), key
+    torch.testing.assert_close(flow.pos_emb, stages.build("sparse_structure_flow_model",
+                                                          {"sparse_structure_flow_model": {
+                                                              **TINY["sparse_structure_flow_model"],
+                                                              "args": {**TINY["sparse_structure_flow_model"]["args"],
+                                                                       "pe_mode": "ape"}}}).pos_emb)
+    ape.run(minutes=5, resume=False, max_steps=2, init=tmp_path)
+    assert ape.step == 2
+    nets, _ = train.load_networks(tmp_path, "ss_flow", ["sparse_structure_flow_model"], "cpu")
+    assert nets["sparse_structure_flow_model"].pe_mode == "ape"
+    assert torch.equal(nets["sparse_structure_flow_model"].pos_emb, flow.pos_emb)      # stored exactly, not in fp16
+    with pytest.raises(ValueError, match="sparse-structure flow"):
+        train.Trainer("shape_flow", tmp_path, "cpu", overrides=TINY, pe_mode="ape")
+
+
 def test_learning_rate_decays_over_the_invocation_to_the_asked_fraction(pool, tmp_path, monkeypatch):
     monkeypatch.setattr(train, "WARMUP_STEPS", 1)
     _finished_stage("ss_vae", pool, tmp_path)

@@ -8,8 +8,9 @@ A snapshot folder looks like the official `TencentARC/Pixal3D` repository:
 
 Every checkpoint is loaded **strictly**: a missing or unexpected key, or a shape mismatch, is an error that names
 the file and the keys. Our module attribute names are the official ones, so no key is renamed; the only
-non-parameter tensor in the official files, the SS flow's `rope_phases` buffer, is a persistent buffer of our
-model too and is loaded like any other tensor, as the official loader does.
+non-parameter tensor in the official files, the SS flow's `rope_phases` buffer (`pos_emb` in a structure flow with
+absolute positions), is a persistent buffer of our model too and is loaded like any other tensor, as the official
+loader does.
 
 Storage dtypes: the `*_bf16` flow checkpoints are stored in float32 and the decoders in float16; each tensor is cast
 to the dtype of the parameter it fills, which our modules set at construction by the official rule (flows:

@@ -8,11 +8,11 @@ Both run the same `FlowTransformer` on a token matrix: dense tokens are [B, L, C
 [N, C]. A `TokenLayout` (RoPE phases + attention layouts, computed once per forward) tells the blocks which is
 which. Forward (spec §4.1):
 
-    h    = input_layer(x)                                 fp32, then cast to `dtype`
+    h    = input_layer(x) (+ pos_emb with pe_mode "ape")   fp32, then cast to `dtype`
     mod  = adaLN_modulation(t_embedder(t))                shared by all blocks (share_mod)
     for each block:
         shift/scale/gate (msa, mlp) = (block.modulation + mod).chunk(6)
-        h += gate_msa * SelfAttn(LN(h) * (1 + scale_msa) + shift_msa)         RoPE on q, k
+        h += gate_msa * SelfAttn(LN(h) * (1 + scale_msa) + shift_msa)         RoPE on q, k ("rope")
         h += CrossAttn(LN_affine(h), global tokens) + proj_linear(proj)      no gate (Pixal3D "proj" mode)
         h += gate_mlp * MLP(LN(h) * (1 + scale_mlp) + shift_mlp)
     out  = out_layer(layer_norm(h in input dtype))
@@ -20,6 +20,13 @@ which. Forward (spec §4.1):
 Mixed precision follows the official `convert_to(dtype)`: only the Linear layers inside `blocks` hold `dtype`
 weights; norms, RMS gammas, `blocks.i.modulation`, the embedders and the input/output layers stay fp32.
 Module and parameter names are the official checkpoint keys, so `load_state_dict` is strict with no key map.
+
+Positions: every released Pixal3D flow uses RoPE (`pe_mode "rope"`), which tells attention the *relative* offsets of
+tokens only. The official dense class also has `pe_mode "ape"` (TRELLIS's structure flow): a fixed sinusoidal
+embedding of each cell's absolute grid position added to the input tokens, and no RoPE. Our small default model's
+structure flow uses it: with RoPE alone, the cells along one line of sight that see the same image feature get the
+same update wherever they lie in depth (attention over equal contents is blind to where a token is), so a small flow
+cannot say which depth along a ray is the object's, and fills the whole frustum.
 """
 from __future__ import annotations
 
@@ -48,7 +55,7 @@ class TokenLayout:
     Per-sample vectors (the adaLN modulation) apply to groups of `rows_per_group` consecutive rows of h: a
     sample's tokens, or single tokens (with the vectors gathered per token) when packed samples differ in length.
     """
-    rope_phases: torch.Tensor            # complex64 [L or N, head_dim // 2]
+    rope_phases: torch.Tensor | None     # complex64 [L or N, head_dim // 2]; None: no RoPE (pe_mode "ape")
     self_attn: VarLenLayout | None       # tokens -> tokens
     cross_attn: VarLenLayout | None      # tokens -> global condition tokens
     rows_per_group: int
@@ -124,10 +131,23 @@ class ModulatedTransformerBlock(nn.Module):
         return gated_residual(h, gate_mlp, self.mlp(x), rows)
 
 
+def absolute_position_embedding(coords: torch.Tensor, channels: int) -> torch.Tensor:
+    """The official `AbsolutePositionEmbedder(channels, 3)` of integer grid coords [N, 3] -> [N, channels]: per axis,
+    [sin(c f_j), cos(c f_j)] with f_j = 10000 ** (-j / F), j < F = channels // 6, the axes one after another,
+    zero-padded to `channels`."""
+    freq_dim = channels // 3 // 2
+    freqs = 1.0 / 10000 ** (torch.arange(freq_dim, dtype=torch.float32, device=coords.device) / freq_dim)
+    angles = coords.float().reshape(-1)[:, None] * freqs
+    embedding = torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1).reshape(len(coords), -1)
+    return F.pad(embedding, (0, channels - embedding.shape[1]))
+
+
 class FlowTransformer(nn.Module):
     """The DiT shared by the dense and the sparse flow. Constructor args are the official checkpoint-config
-    args; only the configuration the released Pixal3D checkpoints use is implemented (pe_mode "rope",
-    share_mod true, image_attn_mode "proj") and anything else is refused with a clear error."""
+    args; only the configurations the released Pixal3D checkpoints and our default model use are implemented
+    (pe_mode "rope", or "ape" for the dense flow; share_mod true; image_attn_mode "proj") and anything else is
+    refused with a clear error."""
+    PE_MODES = ("rope",)
 
     def __init__(self, resolution: int, in_channels: int, model_channels: int, cond_channels: int,
                  out_channels: int, num_blocks: int, num_heads: int | None = None, num_head_channels: int = 64,
@@ -136,8 +156,9 @@ class FlowTransformer(nn.Module):
                  initialization: str = "vanilla", qk_rms_norm: bool = False, qk_rms_norm_cross: bool = False,
                  image_attn_mode: str = "proj", proj_in_channels: int | None = None):
         super().__init__()
-        if pe_mode != "rope":
-            raise ValueError(f"pe_mode {pe_mode!r} is not supported: every Pixal3D flow uses 'rope'")
+        if pe_mode not in self.PE_MODES:
+            raise ValueError(f"pe_mode {pe_mode!r} is not supported by {type(self).__name__}: use one of "
+                             f"{self.PE_MODES} (every released Pixal3D flow uses 'rope')")
         if not share_mod:
             raise ValueError("share_mod=False is not supported: every Pixal3D flow shares adaLN_modulation")
         if image_attn_mode != "proj":
@@ -149,9 +170,13 @@ class FlowTransformer(nn.Module):
             raise ValueError(f"initialization must be 'vanilla' or 'scaled', got {initialization!r}")
         self.num_heads = num_heads or model_channels // num_head_channels
         self.head_dim = model_channels // self.num_heads
-        if self.head_dim * self.num_heads != model_channels or self.head_dim % 2 or self.head_dim < 6:
+        if self.head_dim * self.num_heads != model_channels:
+            raise ValueError(f"model_channels {model_channels} is not divisible by num_heads {self.num_heads} "
+                             "(head_dim)")
+        if pe_mode == "rope" and (self.head_dim % 2 or self.head_dim < 6):
             raise ValueError(f"model_channels {model_channels} / num_heads {self.num_heads} must give an even "
                              "head_dim of at least 6 (3-D RoPE rotates channel pairs, >= 1 frequency per axis)")
+        self.pe_mode = pe_mode
         self.resolution = resolution
         self.in_channels = in_channels
         self.out_channels = out_channels
@@ -197,9 +222,13 @@ class FlowTransformer(nn.Module):
             nn.init.zeros_(layer.bias)
 
     def _denoise(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, proj: torch.Tensor,
-                 tokens: TokenLayout) -> torch.Tensor:
-        """x [.., Cin] tokens (dense or packed), t [B] (1000 * t), context [B, M, Cc], proj [.., Cp] aligned with x."""
-        h = self.input_layer(x).to(self.dtype)
+                 tokens: TokenLayout, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """x [.., Cin] tokens (dense or packed), t [B] (1000 * t), context [B, M, Cc], proj [.., Cp] aligned with x;
+        positions: the absolute position embedding added to the input tokens (pe_mode "ape"), broadcast to them."""
+        h = self.input_layer(x)
+        if positions is not None:
+            h = h + positions
+        h = h.to(self.dtype)
         mod = self.adaLN_modulation(self.t_embedder(t)).to(self.dtype)
         context, proj = context.to(self.dtype), proj.to(self.dtype)
         for block in self.blocks:
@@ -214,16 +243,20 @@ class FlowTransformer(nn.Module):
 class SparseStructureFlowModel(FlowTransformer):
     """Dense flow over the r^3 structure latent [B, Cin, r, r, r]; token order ix*r*r + iy*r + iz.
 
-    The RoPE phases of the grid are the buffer `rope_phases` (complex64 [r^3, head_dim/2]) because the
-    official checkpoint stores it; it is deterministic, so a loaded copy equals the recomputed one.
-    Constructor: the official args, see `FlowTransformer`.
+    The grid's positions are a persistent buffer, as in the official checkpoints: `rope_phases` (complex64
+    [r^3, head_dim/2]) with pe_mode "rope", `pos_emb` ([r^3, model_channels]) with "ape". Both are deterministic,
+    so a loaded copy equals the recomputed one. Constructor: the official args, see `FlowTransformer`.
     """
+    PE_MODES = ("rope", "ape")
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         r = self.resolution
         grid = torch.stack(torch.meshgrid(*[torch.arange(r)] * 3, indexing="ij"), dim=-1).reshape(-1, 3)
-        self.register_buffer("rope_phases", rope_phases(grid, self.head_dim, self.rope_freq))
+        if self.pe_mode == "rope":
+            self.register_buffer("rope_phases", rope_phases(grid, self.head_dim, self.rope_freq))
+        else:
+            self.register_buffer("pos_emb", absolute_position_embedding(grid, self.model_channels))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
         """x [B, Cin, r, r, r], t [B] (1000 * t), cond {'global': [B, M, Cc], 'proj': [B, r^3, Cp]}."""
@@ -233,9 +266,11 @@ class SparseStructureFlowModel(FlowTransformer):
         if cond["proj"].shape[:2] != (x.shape[0], r ** 3):
             raise ValueError(f"cond['proj'] must be [B, {r ** 3}, C] (one row per grid cell), "
                              f"got {tuple(cond['proj'].shape)}")
-        tokens = TokenLayout(self.rope_phases, self_attn=None, cross_attn=None, rows_per_group=r ** 3,
-                             batch_index=None)
-        h = self._denoise(x.flatten(2).transpose(1, 2), t, cond["global"], cond["proj"], tokens)
+        ape = self.pe_mode == "ape"
+        tokens = TokenLayout(None if ape else self.rope_phases, self_attn=None, cross_attn=None,
+                             rows_per_group=r ** 3, batch_index=None)
+        h = self._denoise(x.flatten(2).transpose(1, 2), t, cond["global"], cond["proj"], tokens,
+                          self.pos_emb if ape else None)
         return h.transpose(1, 2).reshape(x.shape[0], self.out_channels, r, r, r)
 
 

@@ -32,7 +32,8 @@ identity (`deepen`), so training resumes from the same function with more capaci
 larger (or smaller) minibatches than the stage's default; the validation loss keeps the default's chunks, so its
 numbers stay comparable across runs. For the sparse-structure flow, `--augment` trains on mirrored and recoloured
 views and `--structure-loss W` adds an occupancy loss through the frozen SS decoder (`stages.FlowStage`); its
-validation logs the latent term ("flow") and the structure term apart, so variants compare on both.
+validation logs the latent term ("flow") and the structure term apart, so variants compare on both. `--pe-mode`
+sets how that flow sees grid positions (`models.flow_dit`: RoPE, or absolute embeddings, "ape").
 """
 from __future__ import annotations
 
@@ -62,6 +63,7 @@ POOL_POLL_SECONDS = 20      # how often a flow looks for new shard files of a po
 VAL_SEED = 7_777
 EMA_DECAY = 0.999
 GRAD_CLIP = 1.0
+POSITION_BUFFERS = ("rope_phases", "pos_emb")     # a dense flow's grid positions (RoPE, or "ape" embeddings)
 
 
 class EMA:
@@ -82,8 +84,9 @@ class EMA:
 
 
 def half(name: str, t: torch.Tensor) -> torch.Tensor:
-    """fp16 storage of a floating tensor (complex buffers unchanged); refuses values fp16 cannot hold."""
-    if not t.is_floating_point():
+    """fp16 storage of a floating tensor; refuses values fp16 cannot hold. Complex buffers and position buffers are
+    kept as they are: they are computed from the config, and a rounded copy would not be what the flow trained with."""
+    if not t.is_floating_point() or name.split(".")[-1] in POSITION_BUFFERS:
         return t.contiguous()
     h = t.half()
     if not torch.isfinite(h).all():
@@ -144,11 +147,17 @@ def deepen(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> list[int]
     """Loads a flow transformer's or image encoder's `state` with fewer blocks into `module` (more blocks, same
     everything else) and makes each block the state lacks an identity map: every residual branch's output layer
     starts at zero, so the deepened network computes what the state's network computes. Returns the indices of
-    the new blocks (none: a strict load)."""
+    the new blocks (none: a strict load). A dense flow's position buffer is the module's own (a function of its
+    config), so a flow trained with RoPE can start one with absolute position embeddings (`--pe-mode ape`): every
+    parameter carries over, only how positions enter changes."""
     prefix, blocks, outputs = residual_blocks(module)
     if hasattr(module, "checkpoint_keys"):     # an image encoder: the state's block names as the module has them
         state = dict(state)
         module.checkpoint_keys(state)
+    else:
+        own = module.state_dict()
+        state = {**{k: v for k, v in state.items() if k not in POSITION_BUFFERS},
+                 **{k: own[k] for k in POSITION_BUFFERS if k in own}}
     index = lambda k: int(k[len(prefix):].split(".")[0])
     have = {index(k) for k in state if k.startswith(prefix)}
     new = [i for i in range(len(blocks)) if i not in have]
@@ -194,13 +203,20 @@ class Trainer:
                  overrides: dict | None = None, log_every: int = 25, checkpoint_minutes: float = 3.0,
                  pool_dir: Path | None = None, freeze_encoder: bool = False, val_dir: Path | None = None,
                  blocks: int | None = None, lr_decay: float | None = None, encoder_layers: int | None = None,
-                 views_per_step: int | None = None, augment: bool = False, structure_weight: float = 0.0):
+                 views_per_step: int | None = None, augment: bool = False, structure_weight: float = 0.0,
+                 pe_mode: str | None = None):
         if freeze_encoder and stage not in ("shape_vae", "tex_vae", "ss_vae"):
             raise ValueError(f"freeze_encoder is for VAE stages, not {stage}")
         if (augment or structure_weight) and stage != "ss_flow":
             raise ValueError(f"augment and structure_weight are for the sparse-structure flow, not {stage}")
         if (blocks is not None or encoder_layers is not None) and not stage.endswith("_flow"):
             raise ValueError(f"blocks and encoder_layers deepen a flow stage's networks; {stage} is not one")
+        if pe_mode is not None:
+            if stage != "ss_flow":
+                raise ValueError(f"pe_mode chooses the dense sparse-structure flow's positions, not {stage}'s")
+            cfg = stage_config("sparse_structure_flow_model", overrides)
+            overrides = {**(overrides or {}), "sparse_structure_flow_model": {
+                **cfg, "args": {**cfg["args"], "pe_mode": pe_mode}}}
         if blocks is not None:
             flow = trained_keys(stage)[0]
             cfg = stage_config(flow, overrides)
@@ -462,6 +478,9 @@ def parser() -> argparse.ArgumentParser:
                    help="flow stages: an image encoder of N DINOv3 layers, deepened like --blocks")
     p.add_argument("--views-per-step", type=int, default=None, metavar="N",
                    help="minibatch size (default: the stage's, stages.VIEWS_PER_STEP)")
+    p.add_argument("--pe-mode", choices=("rope", "ape"), default=None,
+                   help="ss_flow: how the flow sees grid positions (default: the config's); from an --init with the "
+                        "other mode every parameter carries over (pass it again with --resume)")
     p.add_argument("--augment", action="store_true", help="ss_flow: train on mirrored and recoloured views "
                    "(stages.mirror_and_recolour; needs a pool that carries the occupancy)")
     p.add_argument("--structure-loss", type=float, default=0.0, metavar="W",
@@ -475,7 +494,7 @@ def trainer(stage: str, args: argparse.Namespace) -> Trainer:
     return Trainer(stage, args.out, args.device, args.seed, args.workers, checkpoint_minutes=args.checkpoint_minutes,
                    pool_dir=args.pool, freeze_encoder=args.freeze_encoder, val_dir=args.val_pool, blocks=args.blocks,
                    lr_decay=args.lr_decay, encoder_layers=args.encoder_layers, views_per_step=args.views_per_step,
-                   augment=args.augment, structure_weight=args.structure_loss)
+                   augment=args.augment, structure_weight=args.structure_loss, pe_mode=args.pe_mode)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -2,9 +2,11 @@
 # LOG are set): the command's clock, and the growing pool its flows train on.
 #   left M       minutes of TOTAL_MIN left after M more (the clock starts when this file is sourced)
 #   start_pools RUN
-#                4 processes write the validation pool VAL (generator batches from VAL_BATCH, 6 each), and 16 (four
-#                per GPU) write POOL, a part every minute (batches from FIRST_BATCH) until a minute before the end;
-#                both take their latents from the VAE encoders of RUN. Returns once the validation pool is written.
+#                4 processes write the validation pool VAL (generator batches from VAL_BATCH, 6 each) unless it is
+#                already there, and POOL_PROCS (16: four per GPU) write POOL, a part every minute until a minute
+#                before the end: shards POOL_SHARD0 + 0.. of POOL_SHARDS (0, 16) of the batches from FIRST_BATCH, so
+#                chained commands growing one pool give distinct batches and file names; both take their latents
+#                from the VAE encoders of RUN. Returns once the validation pool is written.
 #   pool_logs    the generators' last lines into LOG, and every /tmp/*.log into /tmp/logs (packed by the caller)
 #   report NAME DIR
 #                a trained stage's output folder DIR: weights to OUT/NAME_weights.safetensors, log.jsonl to
@@ -15,24 +17,28 @@ left() { awk -v t0=$T0 -v now=$(date +%s) -v total=$TOTAL_MIN -v less=$1 'BEGIN{
 
 start_pools() {
   local run=$1 k minutes pids=()
-  for k in 0 1 2 3; do
-    CUDA_VISIBLE_DEVICES=$k OMP_NUM_THREADS=2 python -m pixal3d_backend.training.flow_pool --vae $run --out $VAL \
-      --shard $k --shards 4 --minutes 3 --max-batches 6 --first-batch $VAL_BATCH > /tmp/val_$k.log 2>&1 &
-    pids+=($!)
-  done
+  if ! ls $VAL/shard_*.pt > /dev/null 2>&1; then
+    for k in 0 1 2 3; do
+      CUDA_VISIBLE_DEVICES=$k OMP_NUM_THREADS=2 python -m pixal3d_backend.training.flow_pool --vae $run --out $VAL \
+        --shard $k --shards 4 --minutes 3 --max-batches 6 --first-batch $VAL_BATCH > /tmp/val_$k.log 2>&1 &
+      pids+=($!)
+    done
+  fi
   minutes=$(left 1.0)
-  for k in $(seq 0 15); do
+  for k in $(seq 0 $((${POOL_PROCS:-16} - 1))); do
     CUDA_VISIBLE_DEVICES=$((k % 4)) OMP_NUM_THREADS=2 python -m pixal3d_backend.training.flow_pool --vae $run \
-      --out $POOL --shard $k --shards 16 --minutes $minutes --save-every 1 --first-batch $FIRST_BATCH \
-      > /tmp/pool_$k.log 2>&1 &
+      --out $POOL --shard $((${POOL_SHARD0:-0} + k)) --shards ${POOL_SHARDS:-16} --minutes $minutes --save-every 1 \
+      --first-batch $FIRST_BATCH > /tmp/pool_$k.log 2>&1 &
   done
-  wait "${pids[@]}"
-  for k in 0 1 2 3; do tail -n 1 /tmp/val_$k.log; done | tee -a $LOG
+  if [ ${#pids[@]} -gt 0 ]; then
+    wait "${pids[@]}"
+    for k in 0 1 2 3; do tail -n 1 /tmp/val_$k.log; done | tee -a $LOG
+  fi
 }
 
 pool_logs() {
   local k
-  for k in $(seq 0 15); do tail -n 1 /tmp/pool_$k.log; done | tee -a $LOG
+  for k in $(seq 0 $((${POOL_PROCS:-16} - 1))); do tail -n 1 /tmp/pool_$k.log; done | tee -a $LOG
   mkdir -p /tmp/logs && cp /tmp/*.log /tmp/logs/
 }
 
