@@ -144,10 +144,10 @@ def test_absolute_position_embedding_is_the_official_sinusoid_per_axis():
 
 
 def test_rope_flow_cannot_tell_depth_along_a_ray_and_ape_flow_can():
-    """Why the default model's structure flow uses pe_mode "ape": with RoPE, attention sees relative offsets only,
-    so cells whose inputs are equal (the same noise statistics and the same lifted pixel along a line of sight) get
-    the same update wherever they are; absolute embeddings make the update depend on the cell. Also: each mode
-    keeps its own position buffer, loads strictly, and a state of the other mode does not load."""
+    """Why pe_mode "ape" is worth training: with RoPE, attention sees relative offsets only, so cells whose inputs
+    are equal (the same lifted pixel along a line of sight) get the same update wherever they are; absolute
+    embeddings make the update depend on the cell. Also: each mode keeps its own position buffer, loads strictly, and
+    a state of the other mode does not load."""
     r = SMALL["resolution"]
     x = torch.full((1, 8, r, r, r), 0.3)
     cond = {"global": torch.randn(1, 5, 16), "proj": torch.ones(1, r ** 3, 12)}

@@ -21,12 +21,12 @@ Mixed precision follows the official `convert_to(dtype)`: only the Linear layers
 weights; norms, RMS gammas, `blocks.i.modulation`, the embedders and the input/output layers stay fp32.
 Module and parameter names are the official checkpoint keys, so `load_state_dict` is strict with no key map.
 
-Positions: every released Pixal3D flow uses RoPE (`pe_mode "rope"`), which tells attention the *relative* offsets of
-tokens only. The official dense class also has `pe_mode "ape"` (TRELLIS's structure flow): a fixed sinusoidal
-embedding of each cell's absolute grid position added to the input tokens, and no RoPE. Our small default model's
-structure flow uses it: with RoPE alone, the cells along one line of sight that see the same image feature get the
-same update wherever they lie in depth (attention over equal contents is blind to where a token is), so a small flow
-cannot say which depth along a ray is the object's, and fills the whole frustum.
+Positions: every released Pixal3D flow, and our default model's, uses RoPE (`pe_mode "rope"`), which tells attention
+the *relative* offsets of tokens only: cells whose inputs are equal get the same update wherever they are, so along a
+line of sight only the noise and the perspective drift of the lifted pixel say where a cell lies in depth. The
+official dense class also has `pe_mode "ape"` (TRELLIS's structure flow): a fixed sinusoidal embedding of each cell's
+absolute grid position added to the input tokens, and no RoPE. It is implemented for the structure flow so that
+training can try it (`train.py --pe-mode ape`; BENCHMARKS.md, session 10: not better yet after ~5,800 steps).
 """
 from __future__ import annotations
 
