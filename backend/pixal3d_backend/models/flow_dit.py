@@ -144,8 +144,8 @@ def absolute_position_embedding(coords: torch.Tensor, channels: int) -> torch.Te
 
 class FlowTransformer(nn.Module):
     """The DiT shared by the dense and the sparse flow. Constructor args are the official checkpoint-config
-    args; only the configurations the released Pixal3D checkpoints and our default model use are implemented
-    (pe_mode "rope", or "ape" for the dense flow; share_mod true; image_attn_mode "proj") and anything else is
+    args; only the configuration the released Pixal3D checkpoints use is implemented (pe_mode "rope", share_mod
+    true, image_attn_mode "proj"), plus the dense class's pe_mode "ape" (a training option), and anything else is
     refused with a clear error."""
     PE_MODES = ("rope",)
 
