@@ -325,11 +325,8 @@ def test_an_absolute_position_flow_starts_from_a_rope_run_with_all_its_parameter
     for key, value in ape.models.state_dict().items():
         if key != "sparse_structure_flow_model.pos_emb":
             assert torch.equal(value.to(rope_state[key].dtype), rope_state[key]), key
-    torch.testing.assert_close(flow.pos_emb, stages.build("sparse_structure_flow_model",
-                                                          {"sparse_structure_flow_model": {
-                                                              **TINY["sparse_structure_flow_model"],
-                                                              "args": {**TINY["sparse_structure_flow_model"]["args"],
-                                                                       "pe_mode": "ape"}}}).pos_emb)
+    ape_config = stages.with_args(TINY, "sparse_structure_flow_model", pe_mode="ape")
+    torch.testing.assert_close(flow.pos_emb, stages.build("sparse_structure_flow_model", ape_config).pos_emb)
     ape.run(minutes=5, resume=False, max_steps=2, init=tmp_path)
     assert ape.step == 2
     nets, _ = train.load_networks(tmp_path, "ss_flow", ["sparse_structure_flow_model"], "cpu")

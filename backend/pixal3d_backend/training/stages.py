@@ -43,6 +43,12 @@ def stage_config(key: str, overrides: dict | None = None) -> dict:
     return (overrides or {}).get(key) or configs.MODELS.get(key) or configs.ENCODER_MODELS[key]
 
 
+def with_args(overrides: dict | None, key: str, **args) -> dict:
+    """`overrides` with network `key`'s config (`stage_config`) taking `args` over its own constructor args."""
+    cfg = stage_config(key, overrides)
+    return {**(overrides or {}), key: {**cfg, "args": {**cfg["args"], **args}}}
+
+
 def build(key: str, overrides: dict | None = None) -> nn.Module:
     cfg = stage_config(key, overrides)
     return ENCODERS[cfg["name"]](**cfg["args"]) if cfg["name"] in ENCODERS else build_model(cfg)

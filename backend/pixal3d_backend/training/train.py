@@ -52,7 +52,8 @@ from safetensors.torch import save_file
 from ..loading import load_model
 from . import configs
 from .batches import ViewGenerator, Views, generate_pool, shape_inputs, shard_files, texture_inputs
-from .stages import DEPENDS, LEARNING_RATE, STAGE_CLASSES, VIEWS_PER_STEP, build, stage_config, trained_keys
+from .stages import (DEPENDS, LEARNING_RATE, STAGE_CLASSES, VIEWS_PER_STEP, build, stage_config, trained_keys,
+                     with_args)
 
 # Share of a stage's first run that may generate its pool. Measured on the H200 (single process): ~8 views/s of
 # flexible-dual-grid targets, ~3 views/s with 512 px renders; the flows need images and are data-bound.
@@ -214,18 +215,13 @@ class Trainer:
         if pe_mode is not None:
             if stage != "ss_flow":
                 raise ValueError(f"pe_mode chooses the dense sparse-structure flow's positions, not {stage}'s")
-            cfg = stage_config("sparse_structure_flow_model", overrides)
-            overrides = {**(overrides or {}), "sparse_structure_flow_model": {
-                **cfg, "args": {**cfg["args"], "pe_mode": pe_mode}}}
+            overrides = with_args(overrides, "sparse_structure_flow_model", pe_mode=pe_mode)
         if blocks is not None:
-            flow = trained_keys(stage)[0]
-            cfg = stage_config(flow, overrides)
-            overrides = {**(overrides or {}), flow: {**cfg, "args": {**cfg["args"], "num_blocks": blocks}}}
+            overrides = with_args(overrides, trained_keys(stage)[0], num_blocks=blocks)
         if encoder_layers is not None:
             key = trained_keys(stage)[1]
-            cfg = stage_config(key, overrides)
-            dino = {**cfg["args"]["dinov3_config"], "num_hidden_layers": encoder_layers}
-            overrides = {**(overrides or {}), key: {**cfg, "args": {**cfg["args"], "dinov3_config": dino}}}
+            dino = {**stage_config(key, overrides)["args"]["dinov3_config"], "num_hidden_layers": encoder_layers}
+            overrides = with_args(overrides, key, dinov3_config=dino)
         self.views_per_step = views_per_step or VIEWS_PER_STEP[stage]
         if lr_decay is not None and not 0.0 <= lr_decay <= 1.0:
             raise ValueError(f"lr_decay is the final fraction of the learning rate, in [0, 1]: {lr_decay}")

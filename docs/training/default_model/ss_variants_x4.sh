@@ -19,9 +19,9 @@
 # PHASE k > 1 resumes them (train.py --resume, the same arguments) on the pool the earlier phases wrote, grown by 16
 # more processes (pool shards 16 (k - 1) + 0..15 of 16 PHASES); the last phase decays the learning rate to a tenth
 # and, with EVAL=1, runs eval_variants.sh on every variant's weights (OUT/m.tgz). Every phase returns the weights.
-#         STATE=.cache/ss10 PHASES=3 PHASE=1 TOTAL_MIN=9 FIRST_BATCH=64000 VARIANTS="R: P:--pe-mode=ape
-#           PS:--pe-mode=ape,--structure-loss=0.5 PE:--pe-mode=ape,--encoder-layers=8" bash ...   (then PHASE=2,
-#           then PHASE=3 TOTAL_MIN=4.5 EVAL=1 with .whl/export carried too)
+#         STATE=.cache/ss10 PHASES=3 PHASE=1 TOTAL_MIN=8.0 FIRST_BATCH=64000 VARIANTS="R: P:--pe-mode=ape
+#           PS:--pe-mode=ape,--structure-loss=0.5 PE:--pe-mode=ape,--encoder-layers=8" bash ...   (session 10; then
+#           PHASE=2 TOTAL_MIN=8.4, then PHASE=3 TOTAL_MIN=3.4 EVAL=1 with .whl/export carried too)
 set -u
 export PYTHONPATH=$PWD/backend:$PWD/kernels PYTHONUNBUFFERED=1 PIXAL3D_SPARSE_CONV=torch
 TOTAL_MIN=${TOTAL_MIN:-8.6}; FIRST_BATCH=${FIRST_BATCH:-50000}; VAL_BATCH=${VAL_BATCH:-50000000}
@@ -35,7 +35,7 @@ if [ "$PHASE" -gt 1 ]; then         # resume: the VAE folder and every variant's
   for variant in $VARIANTS; do
     [ -f $STATE/run_${variant%%:*}/ss_flow/state.pt ] || { echo "no state of ${variant%%:*} in $STATE" | tee -a $LOG; exit 1; }
   done
-else
+else                                # phase 1 (not indented: the Python heredocs below must start at column 0)
 mkdir -p $VAE $POOL $VAL && cp -r .device_carry/vae/* $VAE/
 if [ -n "${INIT_WEIGHTS:-}" ]; then  # start from an earlier variant: the bundled model with its SS weights in
   python -m pixal3d_backend.training.export_default --base $INIT --replace $INIT_WEIGHTS --out /tmp/init || exit 1
